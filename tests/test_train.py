@@ -1,0 +1,75 @@
+"""Training: a tiny real run on the small embedded set, exact resume, and DDP with two CPU processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.checkpoint import load_checkpoint
+from train import TrainConfig, train_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(tmp_path, **overrides) -> TrainConfig:
+    base = dict(arch="resnet18", quick_data=True, epochs=3, batch_size=16, width_mult=0.25, workers=0,
+                out=str(tmp_path / "runs"), progress=False, seed=3)
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+def test_training_writes_checkpoints_curves_and_learns(tmp_path):
+    summary = train_model(tiny_config(tmp_path, epochs=5, lr=0.02))
+    run = Path(summary["run_dir"])
+    for name in ("best.pt", "last.pt", "split.json", "metrics.csv", "curves.png", "train.json"):
+        assert (run / name).stat().st_size > 0, name
+    rows = (run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 5
+    model, meta = load_checkpoint(run / "best.pt")
+    assert meta["arch"] == "resnet18" and len(meta["classes"]) == summary["classes"]
+    assert meta["record"]["split"].endswith("split.json")
+    history = meta["record"]["history"]
+    # Learning happened: training loss fell, and validation beat chance.
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert summary["best_val_top1"] > 100 / summary["classes"]
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    train_model(tiny_config(tmp_path, epochs=1))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_model(tiny_config(tmp_path, epochs=1))
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    full = train_model(tiny_config(tmp_path, name="full", epochs=2))
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_one(epoch, _row):
+        if epoch == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_model(tiny_config(tmp_path, name="resumed", epochs=2), on_epoch_end=stop_after_one)
+    resumed = train_model(tiny_config(tmp_path, name="resumed", epochs=2, resume=True))
+    a = torch.load(Path(full["last"]), weights_only=True)
+    b = torch.load(Path(resumed["last"]), weights_only=True)
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    assert [r["val_top1"] for r in a["record"]["history"]] == [r["val_top1"] for r in b["record"]["history"]]
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "cli.py", "train", "resnet18", "--quick-data", "--epochs", "1", "--width-mult", "0.25",
+           "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "runs"), "--json"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "resnet18" / "train.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["epochs"] == 1 and Path(summary["best"]).exists()

@@ -1,0 +1,274 @@
+"""The training loop: one function, `train_model`, from a config to checkpoints and curves.
+
+Reproducibility: the data order and augmentation of epoch e depend only on (seed, e), and
+`last.pt` holds the optimiser and schedule state, so `--resume` ends where an uninterrupted run
+would. Under `torchrun` the same loop trains with DistributedDataParallel.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from common import accuracy_report, atomic_write_json
+from common.device import autocast_dtype, resolve_device
+from data import ImageDataset, collate_skip_bad, eval_transform, train_transform
+from data.folder import scan_folder
+from data.spec import spec_for_crop
+from data.split import load_split, make_split, save_split
+from data import synth
+from models import create_model, default_spec
+from models.checkpoint import save_checkpoint
+from train.history import plot_curves, write_csv
+from train.optim import default_lr, make_optimizer, warmup_cosine
+
+
+@dataclass
+class TrainConfig:
+    arch: str
+    data: Optional[str] = None          # None: the embedded synthetic set
+    quick_data: bool = False            # the small embedded set (tests, demo --quick)
+    epochs: int = 5
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    lr: Optional[float] = None          # None: scaled from the batch size
+    weight_decay: float = 5e-4
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
+    image_size: Optional[int] = None    # crop side; None: the data set's / model's default
+    norm: Optional[str] = None          # "imagenet" | "half"; None: the model's default
+    amp: Optional[bool] = None          # None: bf16 on CPUs with bf16 units, fp16 on CUDA
+    channels_last: bool = True
+    device: str = "auto"
+    workers: Optional[int] = None
+    seed: int = 0
+    out: str = "runs/train"
+    name: Optional[str] = None
+    resume: bool = False
+    weights: Optional[str] = None       # xception_pretrained's ImageNet weights file
+    width_mult: float = 1.0
+    progress: bool = True
+
+
+def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> dict:
+    """Train `config.arch`; write best.pt, last.pt, split.json, metrics.csv, curves.png, train.json."""
+    if config.arch == "xception_pretrained" and not config.weights and not config.resume:
+        raise ValueError("xception_pretrained fine-tunes ImageNet weights: pass --weights PATH (a local timm "
+                         "legacy_xception state_dict; nothing is downloaded)")
+    ddp = _init_distributed(config.device)
+    rank0 = not ddp or dist.get_rank() == 0
+    world_size = dist.get_world_size() if ddp else 1
+    device = _ddp_device() if ddp else resolve_device(config.device)
+    run_dir = Path(config.out) / (config.name or config.arch)
+    if rank0 and not config.resume and (run_dir / "last.pt").exists():
+        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it or --name for a new one")
+
+    root = config.data or synth.default_data_root(quick=config.quick_data)
+    split = _load_or_make_split(root, run_dir, config, rank0, ddp)
+    spec = _resolve_spec(config)
+    torch.manual_seed(config.seed)
+    model_kwargs = {"dropout": config.dropout, "width_mult": config.width_mult}
+    build_kwargs = dict(model_kwargs, weights=config.weights) if config.weights else model_kwargs
+    model = create_model(config.arch, num_classes=len(split.classes), **build_kwargs)
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    train_set = ImageDataset(split.train, train_transform(spec))
+    val_set = ImageDataset(split.test, eval_transform(spec, crops=1))
+    steps_per_epoch = -(-len(train_set) // (config.batch_size * world_size))
+    lr = config.lr or default_lr(config.optimizer, config.batch_size)
+    optimizer = make_optimizer(model, config.optimizer, lr, config.weight_decay)
+    scheduler = warmup_cosine(optimizer, config.epochs * steps_per_epoch, warmup_steps=steps_per_epoch)
+    history, start_epoch, best_top1 = [], 0, -1.0
+    if config.resume:
+        history, start_epoch, best_top1 = _restore(run_dir / "last.pt", model, optimizer, scheduler, device)
+    net = nn.parallel.DistributedDataParallel(model) if ddp else model
+
+    amp_dtype = autocast_dtype(device) if config.amp in (None, True) else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
+    skipped: dict[str, str] = {}
+    record = {
+        "data": str(Path(root).resolve()), "split": str((run_dir / "split.json").resolve()),
+        "config": dataclasses.asdict(config), "device": str(device),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+    }
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        loader = _epoch_loader(train_set, config, epoch, workers, ddp, device)
+        train_loss, train_top1 = _train_epoch(
+            net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped,
+            desc=f"{config.arch} epoch {epoch + 1}/{config.epochs}", show=rank0 and config.progress)
+        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss, "train_top1": train_top1}
+        if rank0:
+            row.update(_validate(model, val_set, config, amp_dtype, device, criterion, workers, skipped))
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            history.append(row)
+            record.update(history=history, epochs_done=epoch + 1, skipped_images=sorted(skipped.items()))
+            meta = dict(arch=config.arch, classes=split.classes, spec=spec, model_kwargs=model_kwargs)
+            if row["val_top1"] > best_top1:
+                best_top1 = row["val_top1"]
+                record["best_epoch"] = epoch + 1
+                save_checkpoint(run_dir / "best.pt", model, record=record, **meta)
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "epoch": epoch + 1, "best_top1": best_top1}
+            save_checkpoint(run_dir / "last.pt", model, record=record, extra=state, **meta)
+            write_csv(history, run_dir / "metrics.csv")
+            plot_curves(history, run_dir / "curves.png", f"{config.arch} on {Path(root).name}")
+            _log(f"epoch {epoch + 1}: train loss {train_loss:.3f} top-1 {train_top1:.1f}% | "
+                 f"val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.1f}% top-5 {row['val_top5']:.1f}% "
+                 f"({row['seconds']:.0f}s)")
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1, row)
+        if ddp:
+            dist.barrier()
+    if ddp:
+        dist.destroy_process_group()
+    if not rank0:
+        return {}
+    summary = {
+        "arch": config.arch, "run_dir": str(run_dir), "best": str(run_dir / "best.pt"),
+        "last": str(run_dir / "last.pt"), "data": record["data"], "classes": len(split.classes),
+        "train_images": len(split.train), "test_images": len(split.test), "spec": spec.to_dict(),
+        "params": sum(p.numel() for p in model.parameters()), "epochs": len(history),
+        "best_epoch": record.get("best_epoch"), "best_val_top1": best_top1,
+        "final": history[-1] if history else None, "seconds_this_run": round(time.perf_counter() - started, 1),
+        "world_size": world_size,
+        "device": str(device), "amp": record["amp"], "skipped_images": sorted(skipped.items()),
+    }
+    atomic_write_json(run_dir / "train.json", summary)
+    return summary
+
+
+def _resolve_spec(config: TrainConfig):
+    base = synth.default_spec(quick=config.quick_data) if config.data is None else default_spec(config.arch)
+    if config.image_size is None and config.norm is None:
+        return base
+    model_norm = "half" if default_spec(config.arch).mean == (0.5, 0.5, 0.5) else "imagenet"
+    return spec_for_crop(config.image_size or base.crop, config.norm or model_norm)
+
+
+def _load_or_make_split(root, run_dir: Path, config: TrainConfig, rank0: bool, ddp: bool):
+    split_path = run_dir / "split.json"
+    if config.resume and split_path.exists():
+        return load_split(split_path)
+    if rank0:
+        index = scan_folder(root)
+        if index.skipped:
+            _log(f"{len(index.skipped)} item(s) under {root} skipped (see `python cli.py data check {root}`)")
+        split = make_split(index, test_fraction=0.2, seed=config.seed)
+        save_split(split, split_path)
+    if ddp:
+        dist.barrier()
+    return load_split(split_path)
+
+
+def _epoch_loader(dataset, config: TrainConfig, epoch: int, workers: int, ddp: bool, device) -> DataLoader:
+    # Everything random in epoch e (order, augmentation, dropout) is seeded from (seed, e) alone.
+    torch.manual_seed(config.seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+    sampler = None
+    if ddp:
+        sampler = DistributedSampler(dataset, shuffle=True, seed=config.seed)
+        sampler.set_epoch(epoch)
+    return DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
+                      generator=generator, num_workers=workers, collate_fn=collate_skip_bad,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped, desc, show):
+    net.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=desc, disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True)
+    for images, labels, _, bad in bar:
+        skipped.update(bad)
+        if images is None:
+            continue
+        images = images.to(device, non_blocking=True)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = net(images)
+            loss = criterion(logits.float(), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", top1=f"{100 * correct / seen:.1f}%")
+    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_sum, correct, seen = totals.tolist()
+    return loss_sum / max(seen, 1), 100 * correct / max(seen, 1)
+
+
+@torch.no_grad()
+def _validate(model, dataset, config, amp_dtype, device, criterion, workers, skipped) -> dict:
+    model.eval()
+    loader = DataLoader(dataset, batch_size=config.batch_size * 2, num_workers=workers, collate_fn=collate_skip_bad)
+    all_logits, all_labels = [], []
+    for images, labels, _, bad in loader:
+        skipped.update(bad)
+        if images is None:
+            continue
+        images = images.to(device)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            all_logits.append(model(images).float().cpu())
+        all_labels.append(labels)
+    model.train()
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    report = accuracy_report(logits.numpy(), labels.numpy())
+    return {"val_loss": criterion(logits, labels).item(), "val_top1": report["top1"], "val_top5": report["top5"]}
+
+
+def _restore(path: Path, model, optimizer, scheduler, device):
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no {path} to continue from")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    state = ckpt["extra"]
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _log(f"resuming {path} after epoch {state['epoch']}")
+    return list(ckpt["record"].get("history", [])), int(state["epoch"]), float(state["best_top1"])
+
+
+def _init_distributed(device: str) -> bool:
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = "nccl" if device != "cpu" and torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def _ddp_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,40 @@
+"""Optimiser and learning-rate schedule (per step: linear warm-up, then cosine to zero)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """SGD (Nesterov, momentum 0.9) or AdamW; no weight decay on BatchNorm and biases."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"unknown optimizer {name!r}: use sgd or adamw")
+
+
+def default_lr(optimizer: str, batch_size: int) -> float:
+    # Linear scaling from the usual ImageNet recipes (SGD 0.1 at batch 256, AdamW 1e-3 at 256).
+    base = 0.1 if optimizer == "sgd" else 1e-3
+    return base * batch_size / 256 * 2
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
+    total_steps = max(total_steps, 1)
+    warmup_steps = min(warmup_steps, total_steps - 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
