@@ -109,5 +109,168 @@ def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_deca
                                        f"at epoch {r['best_epoch']}; checkpoint {r['best']}")
 
 
+model_source = click.option("--backend", default="auto", show_default=True,
+                            help="torch (checkpoints), onnxruntime or tensorrt (exports); auto picks the fastest available.")
+device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+precision_option = click.option("--precision", default="fp32", show_default=True,
+                                help="torch: fp32, bf16, fp16; exports: the graph to run (fp32, fp16, int8).")
+crops_option = click.option("--crops", type=click.Choice(["10", "1"]), default="10", show_default=True,
+                            help="Ten crops (logits averaged) or the centre crop.")
+
+
+@cli.command("eval")
+@click.argument("model", type=click.Path(exists=True))
+@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Data root (default: the run's saved split).")
+@model_source
+@device_option
+@precision_option
+@crops_option
+@click.option("--batch", default=64, show_default=True, help="Images per batch (each is ten crops).")
+@click.option("--workers", type=int, help="Decoding worker processes.")
+@json_option
+def evaluate(model, data, backend, device, precision, crops, batch, workers, as_json):
+    """Accuracy of MODEL (checkpoint or export) on the saved split's test part: top-1, top-5, mean per-class."""
+    import runtime
+    from runtime.render import render_evaluation
+
+    emit(runtime.evaluate(model, data=data, backend=backend, device=device, precision=precision, crops=int(crops),
+                          batch=batch, workers=workers, progress=not as_json), as_json, render_evaluation)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--model", type=click.Path(exists=True), help="Checkpoint or export (default: newest runs/train/*/best.pt).")
+@model_source
+@device_option
+@precision_option
+@crops_option
+@click.option("--batch", default=64, show_default=True, help="Images per batch (each is ten crops).")
+@click.option("--topk", default=5, show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the predictions as CSV.")
+@json_option
+def predict(paths, model, backend, device, precision, crops, batch, topk, csv_path, as_json):
+    """Classify image files and folders (recursive); unreadable images are named, the rest go on."""
+    import runtime
+    from runtime.render import render_predictions
+
+    emit(runtime.predict_files(model, list(paths), backend=backend, device=device, precision=precision, batch=batch,
+                               crops=int(crops), topk=topk, csv=csv_path, progress=not as_json), as_json, render_predictions)
+
+
+@cli.command()
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--model", type=click.Path(exists=True), help="Checkpoint (reference Grad-CAM) or export made with --cam-output.")
+@click.option("--class", "class_name", help="Also explain this class.")
+@crops_option
+@click.option("--errors", "errors_of", type=click.Path(exists=True, dir_okay=False),
+              help="Instead of IMAGES: galleries of misclassified and correct test images of this checkpoint.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), help="--errors: data root (default: the run's split).")
+@click.option("--limit", default=16, show_default=True, help="--errors: images per gallery.")
+@click.option("--out", type=click.Path(file_okay=False), help="Output folder (default runs/gradcam).")
+@json_option
+def gradcam(images, model, class_name, crops, errors_of, data, limit, out, as_json):
+    """Grad-CAM panels (image, heatmap, overlay) for the predicted class; ten-crop aware."""
+    from gradcam import errors_gallery, gradcam_images
+    from gradcam.render import render_errors, render_gradcam
+
+    if errors_of:
+        emit(errors_gallery(errors_of, data=data, limit=limit, crops=int(crops), out=out, progress=not as_json),
+             as_json, render_errors)
+    elif images:
+        emit(gradcam_images(list(images), model=model, class_name=class_name, crops=int(crops),
+                            out=out or "runs/gradcam", progress=not as_json), as_json, render_gradcam)
+    else:
+        raise click.UsageError("give IMAGES, or --errors CHECKPOINT")
+
+
+@cli.command()
+@click.argument("export_dir", type=click.Path(exists=True))
+@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Data root (default: the source run's split).")
+@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default EXPORT/validation).")
+@click.option("--limit", type=int, help="At most this many test images.")
+@json_option
+def validate(export_dir, data, out, limit, as_json):
+    """Parity gates and CAM agreement of an export against its PyTorch reference, with panels."""
+    from gradcam import validate_export
+    from gradcam.render import render_validation
+
+    emit(validate_export(export_dir, data=data, out=out, limit=limit, progress=not as_json), as_json, render_validation)
+
+
+@cli.command()
+@click.argument("checkpoints", nargs=-1, type=click.Path(exists=True, dir_okay=False))
+@click.option("--fp16", is_flag=True, help="Also an fp16 graph (weights and arithmetic; logits still fp32).")
+@click.option("--ensemble/--no-ensemble", default=None, help="Also the logit-sum ensemble (default: with 2+ checkpoints).")
+@click.option("--ten-crop-in-graph", is_flag=True, help="The graph takes resized uint8 images and cuts/averages the ten crops itself.")
+@click.option("--cam-output", is_flag=True, help="Second output: the feature map entering global pooling (CAM parity).")
+@click.option("--int8", is_flag=True, help="Also a static int8 QDQ graph calibrated on training images (own parity gate).")
+@click.option("--tensorrt", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="Build TensorRT engines: auto = when TensorRT and a GPU exist.")
+@click.option("--max-batch", default=64, show_default=True, help="Largest batch of images the exports are built for.")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Held-out images for parity (default: the run's split).")
+@click.option("--out", default="runs/export", show_default=True, type=click.Path(file_okay=False))
+@click.option("--train-dir", default="runs/train", show_default=True, help="Where to find checkpoints when none is named.")
+@json_option
+def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, tensorrt, max_batch, data, out, train_dir, as_json):
+    """Export CHECKPOINTS (default: every runs/train/*/best.pt, plus their ensemble) and verify each against PyTorch.
+
+    A failed parity gate exits non-zero and names the gate and the tolerance that would have been needed.
+    """
+    from export import export_checkpoints
+    from export.render import render_export
+
+    emit(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop_in_graph=ten_crop_in_graph,
+                            cam_output=cam_output, int8=int8, tensorrt=tensorrt, max_batch=max_batch, data=data, out=out,
+                            train_dir=train_dir, progress=not as_json), as_json, render_export)
+
+
+@cli.command()
+@click.argument("models", nargs=-1, type=click.Path(exists=True))
+@click.option("--batch", default=64, show_default=True, help="Images per batch; each image is ten crops.")
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["torch", "onnxruntime", "tensorrt"]),
+              help="Only these backends; repeatable.")
+@click.option("--precision", "precisions", multiple=True, type=click.Choice(["fp32", "bf16", "fp16", "int8"]),
+              help="Only these precisions; repeatable.")
+@device_option
+@click.option("--mode", type=click.Choice(["compute", "end-to-end", "both"]), default="compute", show_default=True,
+              help="compute: pre-resized tensors on the device; end-to-end: image files to top-k.")
+@click.option("--seconds", type=float, help="Time per row (default 5 s).")
+@click.option("--iters", type=int, help="Fixed number of timed iterations per row instead of --seconds.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed iterations first.")
+@click.option("--compile", "use_compile", is_flag=True, help="Also torch.compile rows (and CUDA graphs on a GPU).")
+@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Data root for accuracy (default: each run's split).")
+@click.option("--out", type=click.Path(dir_okay=False), help="JSON path (default runs/bench/bench-<time>.json; CSV and PNG beside it).")
+@click.option("--compare", type=click.Path(exists=True, dir_okay=False), help="An earlier bench JSON: print the ratio per row.")
+@click.option("--eval-images", default=1000, show_default=True, help="Test images for accuracy/agreement (0: all).")
+@click.option("--threads", type=int, help="CPU threads for the model (default: all cores).")
+@click.option("--workers", type=int, help="end-to-end: decoding worker processes.")
+@click.option("--train-dir", default="runs/train", show_default=True)
+@click.option("--export-dir", default="runs/export", show_default=True)
+@json_option
+def bench(models, batch, backends, precisions, device, mode, seconds, iters, warmup, use_compile, data, out, compare,
+          eval_images, threads, workers, train_dir, export_dir, as_json):
+    """Speed, accuracy and agreement of every backend and precision, side by side (MODELS: default all)."""
+    from bench import run_bench
+    from bench.report import render_table
+
+    emit(run_bench(list(models) or None, batch=batch, backends=list(backends) or None, precisions=list(precisions) or None,
+                   device=device, mode=mode, seconds=seconds, iters=iters, warmup=warmup, compile=use_compile, data=data,
+                   out=out, compare=compare, train_dir=train_dir, export_dir=export_dir, eval_images=eval_images or None,
+                   threads=threads, workers=workers, progress=not as_json),
+         as_json, render_table)
+
+
+@cli.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--quick", is_flag=True, help="Small data and narrow networks: the whole pipeline in about two minutes.")
+@json_option
+def demo(out, quick, as_json):
+    """Train ResNet26 + Xception (5.9M) on the embedded set, evaluate, export, validate, bench, explain; write a report."""
+    from demo import run_demo
+
+    emit(run_demo(out=out, quick=quick, progress=not as_json), as_json,
+         lambda r: f"demo finished in {r['seconds']:.0f} s; report: {r['report']['html']} (and report.md)")
+
+
 if __name__ == "__main__":
     cli()

@@ -1,0 +1,213 @@
+"""What to benchmark: checkpoints and export folders, and the backend/precision rows each gets."""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from common import sha256_file
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+_ARTIFACT_BACKEND = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
+
+
+@dataclass(frozen=True)
+class Model:
+    """A checkpoint or an export folder.
+
+    ``sources`` are the checkpoints whose PyTorch fp32 logits are this model's reference (one for a
+    checkpoint or single export, the members of an ensemble), as far as they still exist unchanged;
+    ``missing_sources`` says why any could not be used.
+    """
+
+    name: str
+    path: str                              # checkpoint file or export folder, absolute
+    kind: str                              # "checkpoint" | "single" | "ensemble"
+    sources: tuple[str, ...] = ()
+    missing_sources: tuple[str, ...] = ()
+    manifest: Optional[dict] = field(default=None, compare=False, hash=False)
+
+    @property
+    def reference_key(self) -> str:
+        """Models with the same key compute the same function, so they share a speedup baseline."""
+        if self.sources and not self.missing_sources:
+            return "+".join(self.sources)
+        return self.path
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One predictor configuration to measure."""
+
+    model: Model
+    backend: str
+    precision: str
+    variant: str                           # eager | channels_last | compiled | cuda-graphs | onnx | plan (+10crop)
+    channels_last: bool = False
+    compile: bool | str = False
+
+    @property
+    def is_baseline(self) -> bool:
+        """The PyTorch eager fp32 row: what speedups are relative to."""
+        return self.backend == "torch" and self.precision == "fp32" and self.variant == "eager"
+
+
+def find_models(names: Optional[list[str]], train_dir: str, export_dir: str) -> list[Model]:
+    """Checkpoints (``<train_dir>/*/best.pt``) then exports (``<export_dir>/*/manifest.json``).
+
+    ``names`` picks some: each is a checkpoint file, a run folder, an export folder, or a bare
+    name looked up in both folders (a run and an export of the same name are both taken).
+    """
+    if not names:
+        checkpoints = sorted(glob.glob(os.path.join(train_dir, "*", "best.pt")))
+        exports = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(export_dir, "*", "manifest.json")))
+        models = [checkpoint_model(p) for p in checkpoints] + [export_model(p) for p in exports]
+        if not models:
+            raise FileNotFoundError(f"nothing to benchmark: no {os.path.join(train_dir, '*', 'best.pt')} and no "
+                                    f"{os.path.join(export_dir, '*', 'manifest.json')}; train and export first, "
+                                    "or name a checkpoint or export folder")
+        return models
+    models: list[Model] = []
+    for name in names:
+        for model in _resolve_name(name, train_dir, export_dir):
+            if model.path not in {m.path for m in models}:
+                models.append(model)
+    return models
+
+
+def _resolve_name(name: str, train_dir: str, export_dir: str) -> list[Model]:
+    name = os.fspath(name)
+    if os.path.isfile(name):
+        if os.path.basename(name) == "manifest.json":
+            return [export_model(os.path.dirname(name))]
+        return [checkpoint_model(name)]
+    if os.path.isdir(name):
+        if os.path.isfile(os.path.join(name, "manifest.json")):
+            return [export_model(name)]
+        if os.path.isfile(os.path.join(name, "best.pt")):
+            return [checkpoint_model(os.path.join(name, "best.pt"))]
+        raise FileNotFoundError(f"{name}: neither an export folder (no manifest.json) nor a training run (no best.pt)")
+    found = []
+    checkpoint = os.path.join(train_dir, name, "best.pt")
+    if os.path.isfile(checkpoint):
+        found.append(checkpoint_model(checkpoint))
+    if os.path.isfile(os.path.join(export_dir, name, "manifest.json")):
+        found.append(export_model(os.path.join(export_dir, name)))
+    if not found:
+        known = sorted({os.path.basename(os.path.dirname(p)) for p in
+                        glob.glob(os.path.join(train_dir, "*", "best.pt"))
+                        + glob.glob(os.path.join(export_dir, "*", "manifest.json"))})
+        raise FileNotFoundError(f"{name}: no such checkpoint, run or export (looked in {train_dir} and {export_dir}; "
+                                f"known: {', '.join(known) or 'none'})")
+    return found
+
+
+def checkpoint_model(path: str) -> Model:
+    path = os.path.abspath(path)
+    run = os.path.basename(os.path.dirname(path))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name = run if stem == "best" else f"{run}/{stem}"
+    return Model(name=name, path=path, kind="checkpoint", sources=(path,))
+
+
+def export_model(folder: str) -> Model:
+    """An export folder, its manifest verified (hashes) by export.load_manifest."""
+    import export
+
+    manifest = export.load_manifest(folder)
+    sources, missing = [], []
+    for entry in manifest["sources"]:
+        path = entry.get("path", "")
+        if not os.path.isfile(path):
+            missing.append(f"{path}: source checkpoint no longer exists")
+        elif entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+            missing.append(f"{path}: source checkpoint changed since the export (sha256 differs)")
+        else:
+            sources.append(os.path.abspath(path))
+    name = manifest.get("name") or os.path.basename(os.path.abspath(folder))
+    return Model(name=name, path=manifest["export_dir"], kind=manifest["kind"], sources=tuple(sources),
+                 missing_sources=tuple(missing), manifest=manifest)
+
+
+def plan_rows(models: list[Model], device: str, *, backends=None, precisions=None,
+              compile: bool = False) -> tuple[list[RowPlan], list[str]]:
+    """Every (model, backend, precision, variant) available on ``device``; also the reasons for skips."""
+    backends = _check_choices("backend", backends, BACKENDS)
+    precisions = _check_choices("precision", precisions, PRECISIONS)
+    rows, skipped = [], []
+    for model in grouped(models):
+        if model.kind == "checkpoint":
+            candidates = _torch_rows(model, device, compile)
+        else:
+            candidates = _export_rows(model, device, skipped)
+            if model.kind == "ensemble" and model.sources and not model.missing_sources:
+                # The members' logit sum in eager fp32: the ensemble's reference speed.
+                candidates.insert(0, RowPlan(model, "torch", "fp32", "eager"))
+        rows += [r for r in candidates if r.backend in backends and r.precision in precisions]
+    return rows, skipped
+
+
+def grouped(models: list[Model]) -> list[Model]:
+    """Each checkpoint followed by the exports of it, then ensembles and exports without their checkpoint."""
+    ordered = []
+    for model in models:
+        if model.kind == "checkpoint":
+            ordered.append(model)
+            ordered += [m for m in models if m.kind == "single" and m.sources == (model.path,)]
+    return ordered + [m for m in models if m not in ordered]
+
+
+def _check_choices(what: str, chosen, allowed: tuple) -> tuple:
+    if not chosen:
+        return allowed
+    unknown = [c for c in chosen if c not in allowed]
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {', '.join(map(str, unknown))}; choose from {', '.join(allowed)}")
+    return tuple(chosen)
+
+
+def _torch_rows(model: Model, device: str, compile: bool) -> list[RowPlan]:
+    """Eager fp32 (the reference), then the fast half precision of the device in channels_last."""
+    half = "fp16" if device.startswith("cuda") else "bf16"
+    rows = [RowPlan(model, "torch", "fp32", "eager"),
+            RowPlan(model, "torch", half, "channels_last", channels_last=True)]
+    if compile:
+        rows.append(RowPlan(model, "torch", half, "compiled", channels_last=True, compile=True))
+        if device.startswith("cuda"):
+            # torch.compile's reduce-overhead mode replays the model as CUDA graphs.
+            rows.append(RowPlan(model, "torch", half, "cuda-graphs", channels_last=True, compile="reduce-overhead"))
+    return rows
+
+
+def _export_rows(model: Model, device: str, skipped: list[str]) -> list[RowPlan]:
+    suffix = "+10crop" if model.manifest.get("ten_crop_in_graph") else ""
+    rows = []
+    for artifact in model.manifest["artifacts"]:
+        backend = _ARTIFACT_BACKEND.get(artifact["format"])
+        if backend is None:
+            skipped.append(f"{model.name}: unknown artifact format {artifact['format']!r} ({artifact['file']})")
+            continue
+        problem = backend_problem(backend, device)
+        if problem:
+            skipped.append(f"{model.name} {backend} {artifact['precision']}: {problem}")
+            continue
+        variant = ("onnx" if backend == "onnxruntime" else "plan") + suffix
+        rows.append(RowPlan(model, backend, artifact["precision"], variant))
+    return rows
+
+
+def backend_problem(backend: str, device: str) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device`` here, or None."""
+    if backend == "tensorrt":
+        from runtime.trt_backend import tensorrt_problem
+
+        if not device.startswith("cuda"):
+            return "TensorRT runs on CUDA only"
+        return tensorrt_problem()
+    if backend == "onnxruntime" and device.startswith("cuda"):
+        from runtime.ort_backend import cuda_provider_problem
+
+        return cuda_provider_problem()
+    return None

@@ -1,0 +1,17 @@
+"""Export: checkpoints and their ensemble to ONNX (fp32/fp16) and TensorRT, verified against PyTorch.
+
+See docs/ARCHITECTURE.md for the graph contract (input/output names, dtypes, shapes) and the manifest.
+"""
+from export.errors import ExportError, ParityError
+from export.manifest import (artifact_path, load_cam_weights, load_manifest, verified_bytes)
+from export.onnx_export import export_onnx
+from export.ort import make_ort_session
+from export.parity import format_parity_table, run_parity
+from export.pipeline import export_checkpoints
+from export.tensorrt import TensorRTEngine, build_tensorrt_engine, profile_shapes, tensorrt_status
+
+__all__ = [
+    "ExportError", "ParityError", "export_checkpoints", "export_onnx", "load_manifest", "artifact_path",
+    "verified_bytes", "load_cam_weights", "make_ort_session", "run_parity", "format_parity_table",
+    "build_tensorrt_engine", "tensorrt_status", "profile_shapes", "TensorRTEngine",
+]

@@ -1,0 +1,300 @@
+"""The export command: checkpoints (and their logit-sum ensemble) to verified ONNX / TensorRT exports.
+
+For each export folder ``<out>/<name>/``: ``model.onnx`` (+ ``model_fp16.onnx``), a TensorRT plan per
+graph when TensorRT is built, ``cam_weights.npz`` with ``cam_output``, and ``manifest.json`` written
+last (atomically) with the hashes of all of them and the parity report.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import Tensor, nn
+
+from common import sha256_file
+from data.folder import scan_folder
+from data.images import ImageError, load_rgb
+from data.spec import PreprocessSpec
+from data.split import load_split
+from data.synth import default_data_root
+from data.transforms import eval_transform, resize_uint8
+from export.errors import ExportError, ParityError
+from export.manifest import (CAM_WEIGHTS_NAME, FORMAT_VERSION, file_entry, write_cam_weights, write_manifest)
+from export.onnx_export import EXPORTER, export_onnx
+from export.ort import logits_runner, make_ort_session
+from export.parity import check_parity, run_parity
+from export.tensorrt import TensorRTEngine, build_tensorrt_engine, profile_shapes, resolve_mode
+from models.checkpoint import CheckpointError, load_checkpoint
+from models.complexity import count_parameters
+from models.ensemble import Ensemble
+from models.tencrop import TenCropModel
+
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
+PLAN_FILES = {"fp32": "model.plan", "fp16": "model_fp16.plan"}
+TIMING_CACHE_NAME = "timing.cache"
+_EXPORT_FILES = frozenset({*ONNX_FILES.values(), *PLAN_FILES.values(), CAM_WEIGHTS_NAME})
+
+
+@dataclass
+class Source:
+    """One loaded checkpoint."""
+
+    path: str
+    name: str
+    model: nn.Module
+    meta: dict
+    sha256: str
+
+    @property
+    def spec(self) -> PreprocessSpec:
+        return PreprocessSpec.from_dict(self.meta["spec"])
+
+    def describe(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256, "arch": self.meta["arch"],
+                "params": count_parameters(self.model), "name": self.name}
+
+
+def _log(progress: bool, message: str) -> None:
+    if progress:
+        print(f"[export] {message}", file=sys.stderr, flush=True)
+
+
+def find_checkpoints(train_dir) -> list[str]:
+    """Every ``<train_dir>/*/best.pt``, sorted by run name."""
+    return sorted(glob.glob(os.path.join(os.fspath(train_dir), "*", "best.pt")))
+
+
+def _export_names(paths: list[str]) -> list[str]:
+    """Run-folder name of each checkpoint; ``<folder>-<stem>`` where two share a folder."""
+    folders = [os.path.basename(os.path.dirname(p)) or "checkpoint" for p in paths]
+    names = [f if folders.count(f) == 1 else f"{f}-{os.path.splitext(os.path.basename(p))[0]}"
+             for f, p in zip(folders, paths)]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ExportError(f"checkpoints map to the same export name(s) {', '.join(duplicates)}: "
+                          "was a checkpoint given twice?")
+    return names
+
+
+def load_sources(paths: list[str]) -> list[Source]:
+    paths = [os.path.abspath(os.fspath(p)) for p in paths]
+    sources = []
+    for path, name in zip(paths, _export_names(paths)):
+        if not os.path.isfile(path):
+            raise ExportError(f"{path}: checkpoint file not found")
+        digest = sha256_file(path)
+        try:
+            model, meta = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise ExportError(str(exc)) from exc
+        sources.append(Source(path, name, model.float().eval(), meta, digest))
+    return sources
+
+
+def check_ensemble_members(sources: list[Source]) -> None:
+    """Members must share class names (in order) and preprocessing; the error says what differs."""
+    first = sources[0]
+    for other in sources[1:]:
+        if other.meta["classes"] != first.meta["classes"]:
+            a, b = first.meta["classes"], other.meta["classes"]
+            detail = (f"{len(a)} vs {len(b)} classes" if len(a) != len(b) else
+                      "first difference at index {0}: {1!r} vs {2!r}".format(
+                          *next((i, x, y) for i, (x, y) in enumerate(zip(a, b)) if x != y)))
+            raise ExportError(f"cannot ensemble {first.name} and {other.name}: their class lists differ ({detail}); "
+                              "export them without --ensemble")
+        if other.spec != first.spec:
+            a, b = first.spec.to_dict(), other.spec.to_dict()
+            detail = ", ".join(f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k])
+            raise ExportError(f"cannot ensemble {first.name} and {other.name}: their preprocessing differs ({detail}); "
+                              "export them without --ensemble")
+
+
+def _parity_samples(source: Source, data, count: int, progress: bool) -> tuple[list, dict]:
+    """Held-out images for parity: ``data`` if given, else the checkpoint's test split, else the embedded set."""
+    split_path = source.meta.get("record", {}).get("split")
+    try:
+        if data is not None:
+            samples, origin = scan_folder(data).samples, {"source": "folder", "path": os.path.abspath(os.fspath(data))}
+        elif split_path and os.path.isfile(split_path):
+            samples, origin = load_split(split_path).test, {"source": "test split", "path": split_path}
+        else:
+            if split_path:
+                _log(progress, f"{source.name}: split file {split_path} is missing; using the embedded set")
+            root = default_data_root(progress=progress)
+            samples, origin = scan_folder(root).samples, {"source": "embedded set", "path": root}
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot read the parity images: {exc}") from exc
+    if not samples:
+        raise ExportError(f"{origin['path']}: no images for the parity check")
+    if len(samples) > count:  # spread over the whole list, so every class is represented
+        picks = np.unique(np.linspace(0, len(samples) - 1, count).round().astype(int))
+        samples = [samples[i] for i in picks]
+    return samples, origin
+
+
+def load_parity_images(samples, spec: PreprocessSpec, ten_crop_in_graph: bool) -> tuple[Tensor, list]:
+    """The exported graph's input for each readable sample: the normalised centre crop, or the
+    resized uint8 image for the in-graph ten-crop graph. Unreadable images are skipped and listed."""
+    centre_crop = eval_transform(spec, crops=1)
+    tensors, skipped = [], []
+    for sample in samples:
+        try:
+            img = load_rgb(sample.path)
+        except ImageError as exc:
+            skipped.append([sample.path, str(exc)])
+            continue
+        tensors.append(resize_uint8(img, spec) if ten_crop_in_graph else centre_crop(img))
+    if not tensors:
+        raise ExportError(f"none of the {len(samples)} parity images could be read (first: {skipped[0][1]})")
+    return torch.stack(tensors), skipped
+
+
+def _versions(tensorrt_version: str | None) -> dict:
+    import onnxruntime
+
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    if tensorrt_version:
+        versions["tensorrt"] = tensorrt_version
+    return versions
+
+
+def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = False, ensemble: bool | None = None,
+                       ten_crop_in_graph: bool = False, cam_output: bool = False, tensorrt: str = "auto",
+                       max_batch: int = 64, data=None, out="runs/export", train_dir="runs/train",
+                       parity_images: int = 64, opset: int | None = None, progress: bool = True) -> dict:
+    """Export checkpoints (default: every ``<train_dir>/*/best.pt``) and, with two or more, their ensemble.
+
+    ``ensemble``: None = when there are two or more checkpoints, True = required, False = never.
+    Every graph is checked against the PyTorch fp32 reference on ``parity_images`` held-out images;
+    a failed gate does not stop the other exports: its manifest records ``parity.passed = false``,
+    the failure is listed in ``failures``, and ``ok`` is False.
+    Returns ``{"exports": [manifest, ...], "tensorrt": "built ..." | "skipped: why", "ok", "failures"}``.
+    """
+    build_trt, trt_line = resolve_mode(tensorrt)
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ExportError(f"max_batch must be a positive integer, got {max_batch!r}")
+    if isinstance(parity_images, bool) or not isinstance(parity_images, int) or parity_images < 1:
+        raise ExportError(f"parity_images must be a positive integer, got {parity_images!r}")
+    paths = list(checkpoints) if checkpoints else find_checkpoints(train_dir)
+    if not paths:
+        raise ExportError(f"no checkpoint given and none found as {os.path.join(os.fspath(train_dir), '*', 'best.pt')}: "
+                          "train first, or name checkpoint files")
+    sources = load_sources(paths)
+    make_ensemble = len(sources) >= 2 if ensemble is None else bool(ensemble)
+    if make_ensemble and len(sources) < 2:
+        raise ExportError(f"an ensemble needs at least two checkpoints, got {len(sources)}")
+    targets = [(s.name, [s]) for s in sources]
+    if make_ensemble:
+        check_ensemble_members(sources)
+        targets.append(("ensemble-" + "+".join(s.name for s in sources), sources))
+
+    settings = {"fp16": fp16, "ten_crop_in_graph": ten_crop_in_graph, "cam_output": cam_output,
+                "build_trt": build_trt, "max_batch": max_batch, "data": data, "out": os.fspath(out),
+                "parity_images": parity_images, "opset": opset, "progress": progress}
+    manifests, failures = [], []
+    for name, members in targets:
+        manifest, problems = _export_target(name, members, settings)
+        manifests.append(manifest)
+        failures.extend(problems)
+    if build_trt:
+        built = sum(a["format"] == "tensorrt" for m in manifests for a in m["artifacts"])
+        trt_line = f"built {built} engine(s) with TensorRT {manifests[0]['versions']['tensorrt']}"
+    return {"exports": manifests, "tensorrt": trt_line, "ok": not failures, "failures": failures}
+
+
+def _export_target(name: str, members: list[Source], settings: dict) -> tuple[dict, list[str]]:
+    """Export one checkpoint or one ensemble into ``<out>/<name>``; returns (manifest, parity failures)."""
+    progress = settings["progress"]
+    export_dir = os.path.join(settings["out"], name)
+    model = members[0].model if len(members) == 1 else Ensemble([m.model for m in members]).eval()
+    spec = members[0].spec
+    ten_crop = settings["ten_crop_in_graph"]
+    samples, origin = _parity_samples(members[0], settings["data"], settings["parity_images"], progress)
+    images, skipped = load_parity_images(samples, spec, ten_crop)
+    reference = TenCropModel(model, spec).eval() if ten_crop else model
+    precisions = ["fp32", "fp16"] if settings["fp16"] else ["fp32"]
+
+    artifacts, reports, failures = [], {}, []
+    io = opset = trt_version = None
+    for precision in precisions:
+        onnx_path = os.path.join(export_dir, ONNX_FILES[precision])
+        _log(progress, f"{name}: exporting {ONNX_FILES[precision]}")
+        info = export_onnx(model, onnx_path, spec=spec, precision=precision, ten_crop_in_graph=ten_crop,
+                           cam_output=settings["cam_output"], opset=settings["opset"])
+        io, opset = io or info["io"], info["opset"]
+        artifacts.append(file_entry(onnx_path, format="onnx", precision=precision))
+        session = make_ort_session(onnx_path, device="cpu")
+        reports[ONNX_FILES[precision]] = _parity(reference, logits_runner(session), images, precision,
+                                                 "onnxruntime-cpu", name, ONNX_FILES[precision], failures, progress)
+        if settings["build_trt"]:
+            plan_path = os.path.join(export_dir, PLAN_FILES[precision])
+            _log(progress, f"{name}: building TensorRT engine {PLAN_FILES[precision]}")
+            built = build_tensorrt_engine(onnx_path, plan_path, **profile_shapes(info["io"], settings["max_batch"]),
+                                          timing_cache_path=os.path.join(settings["out"], TIMING_CACHE_NAME))
+            trt_version = built["tensorrt_version"]
+            artifacts.append(file_entry(plan_path, format="tensorrt", precision=precision,
+                                        tensorrt_version=trt_version, profile=built["profile"]))
+            with open(plan_path, "rb") as f:
+                engine = TensorRTEngine(f.read())
+            reports[PLAN_FILES[precision]] = _parity(reference, engine.logits_runner(), images, precision,
+                                                     "tensorrt", name, PLAN_FILES[precision], failures, progress)
+
+    cam_entry = None
+    if settings["cam_output"]:
+        cam_path = os.path.join(export_dir, CAM_WEIGHTS_NAME)
+        write_cam_weights(cam_path, [m.model.classifier for m in members])
+        cam_entry = file_entry(cam_path, members=len(members))
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "kind": "single" if len(members) == 1 else "ensemble",
+        "sources": [m.describe() for m in members],
+        "classes": list(members[0].meta["classes"]),
+        "spec": spec.to_dict(),
+        "io": io,
+        "ten_crop_in_graph": ten_crop,
+        "cam_output": settings["cam_output"],
+        "cam_weights": cam_entry,
+        "artifacts": artifacts,
+        "opset": opset,
+        "exporter": EXPORTER,
+        "versions": _versions(trt_version),
+        "parity": {
+            "reference": "PyTorch fp32 on CPU, TF32 off",
+            "images": {**origin, "n_images": int(len(images)), "skipped": skipped,
+                       "input": "resized uint8 image" if ten_crop else "normalised centre crop"},
+            "artifacts": reports,
+            "passed": all(r["passed"] for r in reports.values()),
+        },
+    }
+    write_manifest(export_dir, manifest)
+    _remove_stale_files(export_dir, manifest)
+    _log(progress, f"{name}: wrote {os.path.join(export_dir, 'manifest.json')}")
+    return {**manifest, "export_dir": os.path.abspath(export_dir)}, failures
+
+
+def _parity(reference: nn.Module, runner, images: Tensor, precision: str, runtime: str, name: str, file: str,
+            failures: list[str], progress: bool) -> dict:
+    report = {**run_parity(reference, runner, images, precision), "runtime": runtime}
+    try:
+        check_parity(report, f"{name}/{file} ({runtime})")
+        _log(progress, f"{name}: {file} parity on {report['n_images']} images under {runtime}: pass")
+    except ParityError as exc:
+        failures.append(str(exc))
+        _log(progress, f"{name}: {exc}")
+    return report
+
+
+def _remove_stale_files(export_dir: str, manifest: dict) -> None:
+    """Delete export files a previous run left that this manifest does not list (e.g. an old fp16 graph)."""
+    listed = {a["file"] for a in manifest["artifacts"]}
+    if manifest["cam_weights"]:
+        listed.add(manifest["cam_weights"]["file"])
+    for entry in os.listdir(export_dir):
+        if entry in _EXPORT_FILES and entry not in listed:
+            os.remove(os.path.join(export_dir, entry))

@@ -1,0 +1,54 @@
+"""Human-readable renderings of Grad-CAM results (the CLI prints these without --json)."""
+from __future__ import annotations
+
+
+def _error_line(r: dict) -> str | None:
+    return f"error: {r['error']}" if "error" in r and "results" not in r and "artifacts" not in r else None
+
+
+def render_gradcam(r: dict) -> str:
+    if _error_line(r):
+        return _error_line(r)
+    lines = [f"{r['method']} of {r['model']} ({r['crops']} crop(s)) -> {r['out']}"]
+    for item in r["results"]:
+        peak = item["peak"]
+        extra = f", CAM vs reference r={item['cam_correlation']:.4f}" if "cam_correlation" in item else ""
+        lines.append(f"  {item['path']}: {item['predicted']} ({100 * item['top'][0]['prob']:.1f}%), peak at "
+                     f"({peak['x']}, {peak['y']}){extra} -> {item['panel']}")
+    lines += [f"  {f['path']}: ERROR {f['error']}" for f in r["failures"]]
+    cam = r.get("cam_parity")
+    if cam:
+        lines.append(f"  CAM parity ({cam['precision']}): mean r {cam['mean_correlation']:.4f} (gate >= "
+                     f"{cam['gate']['limit']}) {'passed' if cam['passed'] else 'FAILED'}")
+    return "\n".join(lines)
+
+
+def render_errors(r: dict) -> str:
+    if _error_line(r):
+        return _error_line(r)
+    lines = [f"{r['checkpoint']}: {r['images']['n_images']} test images, {r['crops']} crop(s), top-1 {r['top1']:.1f}%, "
+             f"{r['misclassified']} misclassified",
+             f"  galleries: {r['galleries']['errors']} (errors), {r['galleries']['correct']} (correct)"]
+    pointing = r.get("pointing_game")
+    if pointing:
+        for key in ("1_crop", "10_crops"):
+            p = pointing[key]
+            lines.append(f"  pointing game, {key.replace('_', ' ')}: {100 * p['share']:.1f}% of {p['images']} maps peak inside the object")
+    else:
+        lines.append(f"  {r['pointing_game_note']}")
+    return "\n".join(lines)
+
+
+def render_validation(r: dict) -> str:
+    if "artifacts" not in r:
+        return f"error: {r.get('error')}"
+    lines = [f"{r['export']}: {r['images']['n_images']} held-out images; report {r['report']}"]
+    for precision, a in r["artifacts"].items():
+        gates = ", ".join(f"{name} {g['value']:.4g} ({'ok' if g['passed'] else 'FAILED'})" for name, g in a["parity"]["gates"].items())
+        lines.append(f"  {precision} {a['file']}: {gates}")
+        if a["cam"]:
+            lines.append(f"    CAM r mean {a['cam']['mean_correlation']:.4f} min {a['cam']['min_correlation']:.4f} "
+                         f"(gate >= {a['cam']['gate']['limit']}) {'ok' if a['cam']['passed'] else 'FAILED'}")
+        lines.append(f"    top-1 differs on {len(a['top1_differs'])} image(s)")
+    lines += [f"  problem: {p}" for p in r["problems"]]
+    return "\n".join(lines)

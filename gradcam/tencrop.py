@@ -1,0 +1,133 @@
+"""Ten-crop (and centre-crop) CAM: one map per crop, pasted back onto the resized image.
+
+The crop boxes come from ``data.geometry`` (the one ten-crop geometry): a mirrored crop's map is
+mirrored back, then every map is pasted at its box and each pixel is the mean over the crops that
+cover it. The class explained is the one the ten-crop model predicts: the argmax of the mean of
+the crops' logits (or a class given by the caller). The same paste-back serves exported CAM.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from data.geometry import CropBox, center_crop_box, ten_crop, ten_crop_boxes
+from data.spec import PreprocessSpec
+from data.transforms import normalize
+from gradcam.core import BaseCAM, CamResult, GradCAM
+
+
+@dataclass
+class ImageCam:
+    """maps: [B, R, R] on the resized image (logit units, see gradcam.core); logits: [B, K] mean over crops."""
+
+    maps: Tensor
+    logits: Tensor
+    targets: Tensor
+
+
+def crop_boxes(spec: PreprocessSpec, crops: int) -> list[CropBox]:
+    if crops == 10:
+        return ten_crop_boxes(spec.resize, spec.crop)
+    if crops == 1:
+        return [center_crop_box(spec.resize, spec.crop)]
+    raise ValueError(f"crops must be 1 or 10, got {crops}")
+
+
+def cut_crops(images: Tensor, spec: PreprocessSpec, crops: int) -> Tensor:
+    """uint8 [B, 3, R, R] -> normalised float [B, n, 3, c, c] in the order of ``crop_boxes``."""
+    side = spec.resize
+    if images.dim() != 4 or tuple(images.shape[1:]) != (3, side, side):
+        raise ValueError(f"expected resized images [B, 3, {side}, {side}], got {tuple(images.shape)}")
+    x = normalize(images, spec)
+    if crops == 10:
+        return ten_crop(x, spec.crop)
+    box = crop_boxes(spec, 1)[0]
+    return x[:, None, :, box.top:box.top + box.size, box.left:box.left + box.size]
+
+
+def paste_back(crop_maps: Tensor, boxes: list[CropBox], resize: int) -> Tensor:
+    """[B, n, c, c] maps of the n crops (as the model saw them) -> [B, R, R], mean over covering crops.
+
+    Pixels no crop covers (only possible with crops=1) are 0.
+    """
+    if crop_maps.dim() != 4 or crop_maps.shape[1] != len(boxes):
+        raise ValueError(f"expected [B, {len(boxes)}, c, c] crop maps, got {tuple(crop_maps.shape)}")
+    batch = crop_maps.shape[0]
+    total = crop_maps.new_zeros(batch, resize, resize)
+    count = crop_maps.new_zeros(resize, resize)
+    for index, box in enumerate(boxes):
+        piece = crop_maps[:, index]
+        if piece.shape[-1] != box.size or piece.shape[-2] != box.size:
+            raise ValueError(f"crop map {index} is {tuple(piece.shape[-2:])}, its box is {box.size} square")
+        if box.flipped:
+            piece = torch.flip(piece, dims=[-1])
+        rows, cols = slice(box.top, box.top + box.size), slice(box.left, box.left + box.size)
+        total[:, rows, cols] += piece
+        count[rows, cols] += 1
+    return total / count.clamp(min=1)  # uncovered pixels: 0 / 1
+
+
+def image_cam(
+    model: nn.Module,
+    images: Tensor,
+    spec: PreprocessSpec,
+    crops: int = 10,
+    targets: Tensor | None = None,
+    method: type[BaseCAM] = GradCAM,
+) -> ImageCam:
+    """CAM of resized uint8 images [B, 3, R, R] through ``crops`` crops, pasted back to [B, R, R].
+
+    targets: [B] classes to explain (default: each image's prediction from the mean crop logits).
+    """
+    return image_cams(model, images, spec, crops, [targets], method)[0]
+
+
+def image_cams(
+    model: nn.Module,
+    images: Tensor,
+    spec: PreprocessSpec,
+    crops: int = 10,
+    target_sets: list[Tensor | None] = (None,),
+    method: type[BaseCAM] = GradCAM,
+) -> list[ImageCam]:
+    """``image_cam`` for several target sets (e.g. predicted and true class) from one backbone pass."""
+    batch_crops = cut_crops(images, spec, crops)
+    batch, n = batch_crops.shape[:2]
+    cam = method(model)
+    features = cam.features(batch_crops.flatten(0, 1))
+    results = []
+    for targets in target_sets:
+        if targets is not None and torch.as_tensor(targets).numel() != batch:
+            raise ValueError(f"one target per image: {torch.as_tensor(targets).numel()} targets for {batch} images")
+        results.append(crops_to_image(cam.explain(features, per_crop_targets(targets, batch, n)), spec, crops))
+    return results
+
+
+def crops_to_image(result: CamResult, spec: PreprocessSpec, crops: int) -> ImageCam:
+    """A CamResult over [B*n] crops (image-major, ``crop_boxes`` order) -> the pasted-back ImageCam."""
+    boxes = crop_boxes(spec, crops)
+    n = len(boxes)
+    batch = result.logits.shape[0] // n
+    crop_maps = result.at_size(spec.crop).reshape(batch, n, spec.crop, spec.crop)
+    mean_logits = result.logits.reshape(batch, n, -1).mean(dim=1)
+    return ImageCam(paste_back(crop_maps, boxes, spec.resize).cpu(), mean_logits.cpu(), result.targets[::n].cpu())
+
+
+def per_crop_targets(targets: Tensor | None, batch: int, n: int):
+    """Every crop is explained for its image's class (d mean-logit / d crop-logit = 1/n > 0); by
+    default the class the ten-crop model predicts: argmax of the mean of the crops' logits."""
+
+    def choose(logits: Tensor) -> Tensor:
+        chosen = logits.reshape(batch, n, -1).mean(dim=1).argmax(dim=1) if targets is None else targets
+        return torch.as_tensor(chosen, dtype=torch.int64, device=logits.device).reshape(-1).repeat_interleave(n)
+
+    return choose
+
+
+def peak(maps: Tensor) -> list[tuple[int, int]]:
+    """(x, y) of the maximum of each [B, H, W] map (first one in row-major order on ties)."""
+    width = maps.shape[-1]
+    flat = maps.reshape(maps.shape[0], -1).argmax(dim=1)
+    return [(int(i) % width, int(i) // width) for i in flat]

@@ -1,0 +1,255 @@
+"""Batched inference over image files, every file accounted for.
+
+DataLoader workers read and decode files while the main process runs the model on the previous
+batch. Two ways to get from a file to the uint8 [B,3,R,R] batch the predictor takes:
+
+- host preprocessing (the CPU default): workers decode (data.images.load_rgb) and resize
+  (data.transforms.resize_uint8), exactly the reference path;
+- device preprocessing (the CUDA default): workers only decode (or, for plain JPEGs, just read
+  the bytes, which nvJPEG decodes on the GPU); pinned buffers cross to the GPU with non-blocking
+  copies and the antialiased resize runs there. The crops are always cut on the predictor's device.
+
+A file that cannot be used becomes a (position, reason) failure; the rest of its batch goes on.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torchvision.transforms.functional as TF
+from torchvision.io import ImageReadMode, decode_jpeg
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from data.images import MAX_PIXELS, ImageError, load_rgb
+from data.spec import PreprocessSpec
+from data.transforms import interpolation_mode, resize_uint8
+from runtime.predictor import Predictor
+
+PREPROCESS_MODES = ("auto", "host", "device", "device-jpeg")
+_EXIF_ORIENTATION = 0x0112
+_JPEG_END = b"\xff\xd9"
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def resize_on_device(pixels: Tensor, spec: PreprocessSpec) -> Tensor:
+    """uint8 [3,H,W] on any device -> uint8 [3,R,R]: the antialiased resize resize_uint8 does with PIL."""
+    return TF.resize(pixels, [spec.resize, spec.resize], interpolation=interpolation_mode(spec), antialias=True)
+
+
+@dataclass
+class _Item:
+    position: int
+    pixels: Tensor | None = None  # host: uint8 [3,R,R]; device: uint8 [3,H,W] as decoded
+    jpeg: Tensor | None = None  # device + nvJPEG: the file's bytes, decoded on the GPU
+    error: str | None = None
+
+
+@dataclass
+class FileBatch:
+    """What one DataLoader step yields. `pin_memory` is called by the DataLoader's pinning thread."""
+
+    images: Tensor | None = None  # host preprocessing: uint8 [B,3,R,R], rows = image_positions
+    image_positions: list[int] = field(default_factory=list)
+    decoded: list[tuple[int, Tensor]] = field(default_factory=list)  # device preprocessing: (position, [3,H,W])
+    jpegs: list[tuple[int, Tensor]] = field(default_factory=list)  # device preprocessing: (position, bytes)
+    failures: list[tuple[int, str]] = field(default_factory=list)
+
+    def pin_memory(self) -> "FileBatch":
+        return FileBatch(
+            images=None if self.images is None else self.images.pin_memory(),
+            image_positions=self.image_positions,
+            decoded=[(p, t.pin_memory()) for p, t in self.decoded],
+            jpegs=[(p, t.pin_memory()) for p, t in self.jpegs],
+            failures=self.failures,
+        )
+
+
+class _FileDataset(Dataset):
+    """Item i: file i decoded (and resized, for host preprocessing), or the reason it is unusable."""
+
+    def __init__(self, paths: list[str], spec: PreprocessSpec, resize: bool, raw_jpegs: bool):
+        self.paths = paths
+        self.spec = spec
+        self.resize = resize
+        self.raw_jpegs = raw_jpegs
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, position: int) -> _Item:
+        path = self.paths[position]
+        try:
+            if self.raw_jpegs:
+                data = _plain_jpeg_bytes(path)
+                if data is not None:
+                    return _Item(position, jpeg=torch.frombuffer(bytearray(data), dtype=torch.uint8))
+            img = load_rgb(path)
+            pixels = resize_uint8(img, self.spec) if self.resize else TF.pil_to_tensor(img)
+            return _Item(position, pixels=pixels)
+        except ImageError as e:
+            return _Item(position, error=e.reason)
+        except Exception as e:  # one unforeseen decoder failure must not end the whole run
+            return _Item(position, error=f"cannot load image ({type(e).__name__}: {e})")
+
+
+def _plain_jpeg_bytes(path: str) -> bytes | None:
+    """The file's bytes when torchvision's decoder gives what load_rgb would (up to decoder rounding);
+    None sends the file to load_rgb.
+
+    Excluded: other formats, CMYK/other modes, EXIF rotations, oversized and truncated files (load_rgb
+    then applies the rotation, or names the error).
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if (img.format != "JPEG" or img.mode not in ("RGB", "L") or width * height > MAX_PIXELS
+                    or img.getexif().get(_EXIF_ORIENTATION, 1) != 1):
+                return None
+        with open(path, "rb") as f:
+            data = f.read()
+    except Exception:
+        return None
+    return data if data.rstrip(b"\x00").endswith(_JPEG_END) else None
+
+
+class _Collate:
+    """Stacks host-resized images into one tensor; keeps device-mode images per file (sizes differ)."""
+
+    def __init__(self, resized: bool):
+        self.resized = resized
+
+    def __call__(self, items: list[_Item]) -> FileBatch:
+        batch = FileBatch(failures=[(it.position, it.error) for it in items if it.error is not None])
+        usable = [it for it in items if it.pixels is not None]
+        if self.resized:
+            if usable:
+                batch.images = torch.stack([it.pixels for it in usable])
+                batch.image_positions = [it.position for it in usable]
+        else:
+            batch.decoded = [(it.position, it.pixels) for it in usable]
+            batch.jpegs = [(it.position, it.jpeg) for it in items if it.jpeg is not None]
+        return batch
+
+
+@dataclass
+class PipelineResult:
+    logits: Tensor  # [n_ok, K] float32 on the CPU; row i belongs to paths[positions[i]]
+    positions: list[int]
+    failures: list[tuple[int, str]]  # (position in paths, reason), in path order
+    seconds: float  # wall time of the whole run, decode to logits on the host
+    preprocess: str  # the mode that ran: host | device | device-jpeg
+
+
+def run_files(predictor: Predictor, paths: list[str], *, crops: int = 10, batch: int = 64,
+              workers: int | None = None, progress: bool = False, preprocess: str = "auto") -> PipelineResult:
+    """Predict every file in `paths` (crop-averaged logits), recording the ones that cannot be used.
+
+    preprocess "auto": host on the CPU; on CUDA, device-jpeg when nvJPEG works here, else device.
+    """
+    if preprocess not in PREPROCESS_MODES:
+        raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    on_cuda = predictor.device.startswith("cuda")
+    if preprocess == "auto":
+        preprocess = "host" if not on_cuda else ("device-jpeg" if nvjpeg_works(predictor.device) else "device")
+    paths = list(paths)
+    dataset = _FileDataset(paths, predictor.spec, resize=preprocess == "host",
+                           raw_jpegs=preprocess == "device-jpeg")
+    loader = DataLoader(dataset, batch_size=batch, num_workers=default_workers() if workers is None else workers,
+                        collate_fn=_Collate(resized=preprocess == "host"), pin_memory=on_cuda)
+    assemble = _DeviceBatch(predictor.spec, predictor.device, paths)
+    outputs, positions, failures = [], [], []
+    start = time.perf_counter()
+    with tqdm(total=len(dataset), unit="img", disable=not progress, leave=False) as bar:
+        for file_batch in loader:
+            failures.extend(file_batch.failures)
+            if preprocess == "host":
+                images, ready = file_batch.images, file_batch.image_positions
+            else:
+                images, ready, decode_failures = assemble(file_batch)
+                failures.extend(decode_failures)
+            if ready:
+                # Logits stay on the device until the end: no per-batch synchronisation.
+                outputs.append(predictor.device_logits_from_images(images, crops))
+                positions.extend(ready)
+            bar.update(len(file_batch.failures) + len(file_batch.image_positions) + len(file_batch.decoded)
+                       + len(file_batch.jpegs))
+    logits = torch.cat(outputs).cpu() if outputs else torch.empty(0, len(predictor.classes))
+    seconds = time.perf_counter() - start
+    return PipelineResult(logits, positions, sorted(failures), seconds, preprocess)
+
+
+class _DeviceBatch:
+    """Decoded files of one FileBatch -> uint8 [B,3,R,R] on the device (decode JPEGs, resize there)."""
+
+    def __init__(self, spec: PreprocessSpec, device: str, paths: list[str]):
+        self.spec = spec
+        self.device = device
+        self.paths = paths
+
+    def __call__(self, file_batch: FileBatch) -> tuple[Tensor | None, list[int], list[tuple[int, str]]]:
+        resized: dict[int, Tensor] = {}
+        failures: list[tuple[int, str]] = []
+        for position, pixels in file_batch.decoded:
+            resized[position] = resize_on_device(pixels.to(self.device, non_blocking=True), self.spec)
+        for position, pixels in self._decoded_jpegs(file_batch.jpegs, failures):
+            resized[position] = resize_on_device(pixels, self.spec)
+        order = sorted(resized)
+        images = torch.stack([resized[p] for p in order]) if order else None
+        return images, order, failures
+
+    def _decoded_jpegs(self, jpegs: list[tuple[int, Tensor]], failures: list):
+        """(position, uint8 [3,H,W] on the device): all in one decode call, else file by file."""
+        if not jpegs:
+            return []
+        try:
+            decoded = _torchvision_decode([data for _, data in jpegs], self.device)
+            return [(position, pixels) for (position, _), pixels in zip(jpegs, decoded)]
+        except Exception:  # one file nvJPEG refuses fails the whole call: retry one by one
+            pass
+        out = []
+        for position, data in jpegs:
+            try:
+                out.append((position, _torchvision_decode([data], self.device)[0]))
+            except Exception:
+                try:  # the reference decoder decides: an image, or a named error
+                    out.append((position, TF.pil_to_tensor(load_rgb(self.paths[position])).to(self.device)))
+                except ImageError as e:
+                    failures.append((position, e.reason))
+        return out
+
+
+def _torchvision_decode(data: list[Tensor], device: str) -> list[Tensor]:
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 announces that its decoders move to torchcodec; they still work, and are guarded.
+        warnings.filterwarnings("ignore", message="The image decoding", category=DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+_NVJPEG_WORKS: dict[str, bool] = {}
+
+
+def nvjpeg_works(device: str) -> bool:
+    """Whether torchvision can decode JPEGs on this CUDA device (its build may lack nvJPEG)."""
+    if device not in _NVJPEG_WORKS:
+        import io
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 60)).save(buffer, format="JPEG")
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        try:
+            decoded = _torchvision_decode([data], device)[0]
+            _NVJPEG_WORKS[device] = tuple(decoded.shape) == (3, 16, 16)
+        except Exception:
+            _NVJPEG_WORKS[device] = False
+    return _NVJPEG_WORKS[device]

@@ -1,0 +1,111 @@
+"""The backend-independent part of inference: preprocessing on the device and crop averaging.
+
+A backend subclass only says how to run its graph on a batch already on its device
+(`_forward_crops`, and `_forward_images` for exports with the ten crops inside the graph).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from data.geometry import center_crop_box, ten_crop
+from data.spec import PreprocessSpec
+from data.transforms import normalize
+
+CROP_CHOICES = (1, 10)
+
+
+class BackendError(RuntimeError):
+    """A backend that does not exist, is not available here, or cannot run the given model."""
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda" without a GPU is an error."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise BackendError(f"device {device!r} requested but torch sees no CUDA GPU "
+                               f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+        return device
+    raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
+
+
+class Predictor:
+    """Runs one model (checkpoint or export) through one backend.
+
+    logits_from_crops: normalised float crops [N,3,c,c] -> [N,K] float32 on the CPU.
+    logits_from_images: uint8 resized images [B,3,R,R] -> [B,K] float32 on the CPU, the mean over
+    the ten crops (crops=10) or the centre crop's logits (crops=1).
+    """
+
+    backend = ""
+    max_batch: int | None = None  # largest batch one graph call accepts (TensorRT profiles); None: any
+
+    def __init__(self, *, source: str, spec: PreprocessSpec, classes: list[str], device: str,
+                 precision: str, ten_crop_in_graph: bool, record: dict | None = None, tags: tuple = ()):
+        self.source = source
+        self.spec = spec
+        self.classes = list(classes)
+        self.device = device
+        self.precision = precision
+        self.ten_crop_in_graph = ten_crop_in_graph
+        self.record = record or {}  # a checkpoint's training record (it names the split file)
+        self.manifest: dict | None = None  # an export's verified manifest
+        self.name = "-".join([self.backend, precision, *tags, device.split(":")[0]])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, source={self.source!r})"
+
+    # --- what a backend implements ------------------------------------------------------------
+    def _forward_crops(self, crops: Tensor) -> Tensor:
+        """Normalised float32 crops on self.device -> logits [N,K] (any float dtype) on self.device."""
+        raise NotImplementedError
+
+    def _forward_images(self, images: Tensor) -> Tensor:
+        """uint8 images on self.device -> crop-averaged logits [B,K]; only for in-graph ten crop."""
+        raise NotImplementedError
+
+    # --- public API ---------------------------------------------------------------------------
+    def logits_from_crops(self, crops: Tensor) -> Tensor:
+        if self.ten_crop_in_graph:
+            raise BackendError(f"{self.source}: this export cuts the ten crops inside its graph and takes "
+                               f"uint8 images [B,3,{self.spec.resize},{self.spec.resize}]; use logits_from_images")
+        c = self.spec.crop
+        if crops.dim() != 4 or tuple(crops.shape[1:]) != (3, c, c):
+            raise ValueError(f"expected normalised crops [N,3,{c},{c}], got shape {tuple(crops.shape)}")
+        crops = crops.to(self.device, torch.float32, non_blocking=True)
+        return self._in_chunks(self._forward_crops, crops).float().cpu()
+
+    def logits_from_images(self, images: Tensor, crops: int = 10) -> Tensor:
+        return self.device_logits_from_images(images, crops).cpu()
+
+    def device_logits_from_images(self, images: Tensor, crops: int = 10) -> Tensor:
+        """logits_from_images, leaving the result on self.device (the pipeline copies once at the end)."""
+        if crops not in CROP_CHOICES:
+            raise ValueError(f"crops must be 1 or 10, got {crops}")
+        side = self.spec.resize
+        if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, side, side):
+            raise ValueError(f"expected uint8 images [B,3,{side},{side}], got {images.dtype} {tuple(images.shape)}")
+        images = images.to(self.device, non_blocking=True)
+        if self.ten_crop_in_graph:
+            if crops != 10:
+                raise BackendError(f"{self.source}: this export has the ten crops inside its graph, so it cannot "
+                                   "run single-crop inference; export without --ten-crop-in-graph for crops=1")
+            return self._in_chunks(self._forward_images, images).float()
+        # Normalising the resized image once is cheaper than normalising ten overlapping crops.
+        x = normalize(images, self.spec)
+        if crops == 1:
+            box = center_crop_box(side, self.spec.crop)
+            x = x[:, :, box.top:box.top + box.size, box.left:box.left + box.size].contiguous()
+            return self._in_chunks(self._forward_crops, x).float()
+        batch = x.shape[0]
+        logits = self._in_chunks(self._forward_crops, ten_crop(x, self.spec.crop).flatten(0, 1)).float()
+        return logits.view(batch, 10, -1).mean(dim=1)
+
+    def _in_chunks(self, forward, x: Tensor) -> Tensor:
+        if self.max_batch is None or x.shape[0] <= self.max_batch:
+            return forward(x)
+        return torch.cat([forward(part) for part in torch.split(x, self.max_batch)])

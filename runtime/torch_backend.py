@@ -1,0 +1,83 @@
+"""The PyTorch backend: the reference (fp32, TF32 off) and its faster variants (bf16, fp16,
+channels_last, torch.compile)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import Tensor, nn
+
+from data.spec import PreprocessSpec
+from runtime.predictor import Predictor
+
+TORCH_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TorchPredictor(Predictor):
+    """Runs an nn.Module from a checkpoint.
+
+    bf16/fp16 cast the whole model (`model.to(dtype)`): on this project's CPUs that measured
+    faster than autocast (which re-casts every weight on every call under inference_mode) with the
+    same logits error, and on CUDA it is the usual half-precision deployment.
+    """
+
+    backend = "torch"
+
+    def __init__(self, model: nn.Module, meta: dict, *, source: str, device: str, precision: str,
+                 channels_last: bool = False, compile: bool | str = False):
+        if precision not in TORCH_PRECISIONS:
+            raise ValueError(f"torch backend precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
+        tags = (["channels_last"] if channels_last else []) + (["compiled"] if compile else [])
+        super().__init__(source=source, spec=PreprocessSpec.from_dict(meta["spec"]), classes=meta["classes"],
+                         device=device, precision=precision, ten_crop_in_graph=False,
+                         record=meta.get("record"), tags=tuple(tags))
+        self.arch = meta["arch"]
+        self._dtype = TORCH_PRECISIONS[precision]
+        self._memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        model = model.eval().to(device=device, dtype=self._dtype, memory_format=self._memory_format)
+        self.model = model  # the eager module (Grad-CAM and parity checks want it)
+        self._compiled = bool(compile)
+        self._module = _compile_model(model, compile) if compile else model
+
+    def _forward_crops(self, crops: Tensor) -> Tensor:
+        x = crops.to(dtype=self._dtype, memory_format=self._memory_format)
+        with torch.inference_mode(), self._fp32_reference_math():
+            logits = self._module(x)
+        # A CUDA-graph replay (compile mode "reduce-overhead") reuses its output buffer on the next call.
+        return logits.clone() if self._compiled else logits
+
+    def _fp32_reference_math(self):
+        """fp32 on CUDA means IEEE fp32: TF32 convolutions/matmuls are switched off during the call."""
+        if self.precision != "fp32" or not self.device.startswith("cuda"):
+            return contextlib.nullcontext()
+        return ieee_fp32_on_cuda()
+
+
+def _compile_model(model: nn.Module, compile: bool | str) -> nn.Module:
+    # mode "reduce-overhead" replays CUDA graphs; True uses torch.compile's default mode.
+    mode = compile if isinstance(compile, str) else None
+    return torch.compile(model, mode=mode)
+
+
+@contextlib.contextmanager
+def ieee_fp32_on_cuda():
+    """Disable TF32 for cuBLAS and cuDNN, restoring the previous settings afterwards.
+
+    torch >= 2.9 has per-backend `fp32_precision` settings and refuses to mix them with the legacy
+    `allow_tf32` flags, so the new API is used when it exists.
+    """
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(conv, "conv", None), "fp32_precision"):
+        saved = (matmul.fp32_precision, conv.conv.fp32_precision)
+        matmul.fp32_precision, conv.conv.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.conv.fp32_precision = saved
+    else:
+        saved = (matmul.allow_tf32, conv.allow_tf32)
+        matmul.allow_tf32, conv.allow_tf32 = False, False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, conv.allow_tf32 = saved
