@@ -50,7 +50,7 @@ def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     return types
 
 
-def _preprocessing_nodes(graph: onnx.GraphProto, constants: set[str]) -> set[int]:
+def preprocessing_nodes(graph: onnx.GraphProto, constants: set[str]) -> set[int]:
     """Indices of the nodes computing, before any weighted op, only from graph inputs and constants."""
     region = {v.name for v in graph.input}
     prefix = set()
@@ -72,7 +72,7 @@ def convert_to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     types = _elem_types(model)
     initializers = {t.name: t for t in graph.initializer}
     constant_nodes = {out: node for node in graph.node if node.op_type == "Constant" for out in node.output}
-    prefix = _preprocessing_nodes(graph, set(initializers) | set(constant_nodes))
+    prefix = preprocessing_nodes(graph, set(initializers) | set(constant_nodes))
 
     consumers = defaultdict(list)  # tensor -> indices of the network (non-prefix) nodes reading it
     prefix_reads = set()

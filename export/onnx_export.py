@@ -44,7 +44,9 @@ EXPORTER = "torch.onnx.export(dynamo=False)"
 DEFAULT_OPSET = 17  # read by TensorRT 10+, ONNX Runtime >= 1.14 and the exporter of torch >= 2.6
 BATCH = "batch"  # the symbolic name of the dynamic batch axis in every graph and in manifest["io"]
 PRECISIONS = ("fp32", "fp16")
-_WEIGHT_TYPES = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16}
+# Weights stored directly as initializers. In an int8 graph the quantised ones reach their operator
+# through DequantizeLinear; only the fp32 head (classifier) keeps float weights of its own.
+_WEIGHT_TYPES = {"fp32": onnx.TensorProto.FLOAT, "fp16": onnx.TensorProto.FLOAT16, "int8": onnx.TensorProto.FLOAT}
 _DTYPE_NAMES = {torch.float32: "float32", torch.uint8: "uint8"}
 _ONNX_TYPES = {"float32": onnx.TensorProto.FLOAT, "uint8": onnx.TensorProto.UINT8}
 _WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")

@@ -1,8 +1,8 @@
 """The export command: checkpoints (and their logit-sum ensemble) to verified ONNX / TensorRT exports.
 
-For each export folder ``<out>/<name>/``: ``model.onnx`` (+ ``model_fp16.onnx``), a TensorRT plan per
-graph when TensorRT is built, ``cam_weights.npz`` with ``cam_output``, and ``manifest.json`` written
-last (atomically) with the hashes of all of them and the parity report.
+For each export folder ``<out>/<name>/``: ``model.onnx`` (+ ``model_fp16.onnx``, + ``model_int8.onnx``
+quantised from model.onnx, see export/int8.py), a TensorRT plan per graph when TensorRT is built,
+``cam_weights.npz`` with ``cam_output``, and ``manifest.json`` written last (atomically) with the hashes of all of them and the parity report.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from data.split import load_split
 from data.synth import default_data_root
 from data.transforms import eval_transform, resize_uint8
 from export.errors import ExportError, ParityError
+from export.int8 import CALIBRATION_IMAGES, calibration_inputs, calibration_samples, quantize_int8
 from export.manifest import (CAM_WEIGHTS_NAME, FORMAT_VERSION, file_entry, write_cam_weights, write_manifest)
 from export.onnx_export import EXPORTER, export_onnx
 from export.ort import logits_runner, make_ort_session
@@ -34,8 +35,8 @@ from models.complexity import count_parameters
 from models.ensemble import Ensemble
 from models.tencrop import TenCropModel
 
-ONNX_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx"}
-PLAN_FILES = {"fp32": "model.plan", "fp16": "model_fp16.plan"}
+ONNX_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
+PLAN_FILES = {"fp32": "model.plan", "fp16": "model_fp16.plan", "int8": "model_int8.plan"}
 TIMING_CACHE_NAME = "timing.cache"
 _EXPORT_FILES = frozenset({*ONNX_FILES.values(), *PLAN_FILES.values(), CAM_WEIGHTS_NAME})
 
@@ -163,13 +164,16 @@ def _versions(tensorrt_version: str | None) -> dict:
     return versions
 
 
-def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = False, ensemble: bool | None = None,
-                       ten_crop_in_graph: bool = False, cam_output: bool = False, tensorrt: str = "auto",
-                       max_batch: int = 64, data=None, out="runs/export", train_dir="runs/train",
-                       parity_images: int = 64, opset: int | None = None, progress: bool = True) -> dict:
+def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = False, int8: bool = False,
+                       ensemble: bool | None = None, ten_crop_in_graph: bool = False, cam_output: bool = False,
+                       tensorrt: str = "auto", max_batch: int = 64, data=None, out="runs/export",
+                       train_dir="runs/train", parity_images: int = 64, calibration_images: int = CALIBRATION_IMAGES,
+                       opset: int | None = None, progress: bool = True) -> dict:
     """Export checkpoints (default: every ``<train_dir>/*/best.pt``) and, with two or more, their ensemble.
 
     ``ensemble``: None = when there are two or more checkpoints, True = required, False = never.
+    ``int8`` adds a static int8 QDQ graph quantised from the fp32 one, calibrated on
+    ``calibration_images`` training images of the checkpoint's split (of an ensemble: of its first member).
     Every graph is checked against the PyTorch fp32 reference on ``parity_images`` held-out images;
     a failed gate does not stop the other exports: its manifest records ``parity.passed = false``,
     the failure is listed in ``failures``, and ``ok`` is False.
@@ -193,7 +197,8 @@ def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = Fal
         check_ensemble_members(sources)
         targets.append(("ensemble-" + "+".join(s.name for s in sources), sources))
 
-    settings = {"fp16": fp16, "ten_crop_in_graph": ten_crop_in_graph, "cam_output": cam_output,
+    settings = {"fp16": fp16, "int8": int8, "calibration_images": calibration_images,
+                "ten_crop_in_graph": ten_crop_in_graph, "cam_output": cam_output,
                 "build_trt": build_trt, "max_batch": max_batch, "data": data, "out": os.fspath(out),
                 "parity_images": parity_images, "opset": opset, "progress": progress}
     manifests, failures = [], []
@@ -217,16 +222,20 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
     samples, origin = _parity_samples(members[0], settings["data"], settings["parity_images"], progress)
     images, skipped = load_parity_images(samples, spec, ten_crop)
     reference = TenCropModel(model, spec).eval() if ten_crop else model
-    precisions = ["fp32", "fp16"] if settings["fp16"] else ["fp32"]
+    precisions = ["fp32"] + ["fp16"] * settings["fp16"] + ["int8"] * settings["int8"]
 
     artifacts, reports, failures = [], {}, []
-    io = opset = trt_version = None
+    io = opset = trt_version = quantization = None
     for precision in precisions:
         onnx_path = os.path.join(export_dir, ONNX_FILES[precision])
-        _log(progress, f"{name}: exporting {ONNX_FILES[precision]}")
-        info = export_onnx(model, onnx_path, spec=spec, precision=precision, ten_crop_in_graph=ten_crop,
-                           cam_output=settings["cam_output"], opset=settings["opset"])
-        io, opset = io or info["io"], info["opset"]
+        if precision == "int8":  # quantised from the fp32 graph written (and verified) first
+            quantization = _quantize(members[0], os.path.join(export_dir, ONNX_FILES["fp32"]), onnx_path, io,
+                                     ten_crop, settings)
+        else:
+            _log(progress, f"{name}: exporting {ONNX_FILES[precision]}")
+            info = export_onnx(model, onnx_path, spec=spec, precision=precision, ten_crop_in_graph=ten_crop,
+                               cam_output=settings["cam_output"], opset=settings["opset"])
+            io, opset = io or info["io"], info["opset"]
         artifacts.append(file_entry(onnx_path, format="onnx", precision=precision))
         session = make_ort_session(onnx_path, device="cpu")
         reports[ONNX_FILES[precision]] = _parity(reference, logits_runner(session), images, precision,
@@ -261,6 +270,7 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
         "cam_output": settings["cam_output"],
         "cam_weights": cam_entry,
         "artifacts": artifacts,
+        "int8": quantization,
         "opset": opset,
         "exporter": EXPORTER,
         "versions": _versions(trt_version),
@@ -276,6 +286,19 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
     _remove_stale_files(export_dir, manifest)
     _log(progress, f"{name}: wrote {os.path.join(export_dir, 'manifest.json')}")
     return {**manifest, "export_dir": os.path.abspath(export_dir)}, failures
+
+
+def _quantize(source: Source, fp32_path: str, int8_path: str, io: dict, ten_crop: bool, settings: dict) -> dict:
+    """model_int8.onnx from model.onnx, calibrated on training images; returns the manifest's ``int8`` section."""
+    samples, origin = calibration_samples(source.meta, settings["data"], settings["calibration_images"])
+    inputs, skipped = calibration_inputs(samples, source.spec, ten_crop)
+    _log(settings["progress"], f"{source.name}: quantising {os.path.basename(int8_path)} "
+                               f"(calibration: {len(samples) - len(skipped)} training images, {len(inputs)} graph inputs)")
+    settings_used = quantize_int8(fp32_path, int8_path, inputs, io=io)
+    calibration = {**origin, "n_images": len(samples) - len(skipped), "n_inputs": int(len(inputs)),
+                   "input": "resized uint8 image" if ten_crop else "ten normalised crops per image",
+                   "images": [s.path for s in samples if s.path not in {p for p, _ in skipped}], "skipped": skipped}
+    return {**settings_used, "calibration": calibration}
 
 
 def _parity(reference: nn.Module, runner, images: Tensor, precision: str, runtime: str, name: str, file: str,

@@ -1,8 +1,10 @@
 """Shared test setup: the embedded data set is generated once per session into a temp cache."""
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cli.py does; must precede the torch import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

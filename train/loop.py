@@ -28,7 +28,7 @@ from data.folder import scan_folder
 from data.spec import spec_for_crop
 from data.split import load_split, make_split, save_split
 from data import synth
-from models import create_model, default_spec
+from models import create_model, default_spec, list_models
 from models.checkpoint import save_checkpoint
 from train.history import plot_curves, write_csv
 from train.optim import default_lr, make_optimizer, warmup_cosine
@@ -63,6 +63,8 @@ class TrainConfig:
 
 def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train `config.arch`; write best.pt, last.pt, split.json, metrics.csv, curves.png, train.json."""
+    if config.arch not in list_models():
+        raise ValueError(f"unknown architecture {config.arch!r}; known: {', '.join(list_models())}")
     if config.arch == "xception_pretrained" and not config.weights and not config.resume:
         raise ValueError("xception_pretrained fine-tunes ImageNet weights: pass --weights PATH (a local timm "
                          "legacy_xception state_dict; nothing is downloaded)")
