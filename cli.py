@@ -209,6 +209,7 @@ def validate(export_dir, data, out, limit, as_json):
 @click.option("--ensemble/--no-ensemble", default=None, help="Also the logit-sum ensemble (default: with 2+ checkpoints).")
 @click.option("--ten-crop-in-graph", is_flag=True, help="The graph takes resized uint8 images and cuts/averages the ten crops itself.")
 @click.option("--cam-output", is_flag=True, help="Second output: the feature map entering global pooling (CAM parity).")
+@click.option("--int8", is_flag=True, help="Also a static int8 QDQ graph calibrated on training images (own parity gate).")
 @click.option("--tensorrt", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Build TensorRT engines: auto = when TensorRT and a GPU exist.")
 @click.option("--max-batch", default=64, show_default=True, help="Largest batch of images the exports are built for.")
@@ -216,7 +217,8 @@ def validate(export_dir, data, out, limit, as_json):
 @click.option("--out", default="runs/export", show_default=True, type=click.Path(file_okay=False))
 @click.option("--train-dir", default="runs/train", show_default=True, help="Where to find checkpoints when none is named.")
 @json_option
-def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, tensorrt, max_batch, data, out, train_dir, as_json):
+def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, tensorrt, max_batch, data, out, train_dir,
+           as_json):
     """Export CHECKPOINTS (default: every runs/train/*/best.pt, plus their ensemble) and verify each against PyTorch.
 
     A failed parity gate exits non-zero and names the gate and the tolerance that would have been needed.
@@ -225,7 +227,7 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, tensorrt,
     from export.render import render_export
 
     emit(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop_in_graph=ten_crop_in_graph,
-                            cam_output=cam_output, tensorrt=tensorrt, max_batch=max_batch, data=data, out=out,
+                            cam_output=cam_output, int8=int8, tensorrt=tensorrt, max_batch=max_batch, data=data, out=out,
                             train_dir=train_dir, progress=not as_json), as_json, render_export)
 
 

@@ -16,7 +16,7 @@ from common import atomic_write_json, read_json
 @dataclass(frozen=True)
 class DemoSettings:
     archs: tuple[str, ...] = ("resnet26", "xception_medium")   # the seed's ensemble pair
-    epochs: int = 6
+    epochs: int = 5
     width_mult: float = 1.0
     batch_size: int = 32
     bench_batch: int = 8

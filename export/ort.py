@@ -20,12 +20,18 @@ def cuda_provider_usable() -> bool:
     return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
 
 
-def make_ort_session(onnx_path, device: str = "cpu", threads: int | None = None, graph_opt: str = "all"):
+def make_ort_session(onnx_path, device: str = "cpu", threads: int | None = None, graph_opt: str = "all",
+                     spinning: bool = False):
     """An ``onnxruntime.InferenceSession`` on ``device`` ("cpu", "cuda", or "auto": cuda when usable).
 
-    ``threads`` sets intra-op threads (None: ONNX Runtime's default). ``graph_opt`` is the graph
-    optimisation level. Asking for "cuda" where it cannot run is an ExportError, never a silent
-    fallback to the CPU (ONNX Runtime itself falls back quietly, so the providers are checked).
+    ``threads`` sets intra-op threads (None: ONNX Runtime's default, one per physical core).
+    ``graph_opt`` is the graph optimisation level ("all" also fuses QDQ pairs into integer kernels).
+    Operators run one after another (sequential mode, one inter-op thread): a classifier is a chain.
+    ``spinning``: whether idle intra-op threads busy-wait for work. Off by default: on a machine whose
+    cores other processes share, spinning threads steal the time the working ones need, and with
+    the machine to itself it gained nothing measurable on ResNet26 here (docs/PERFORMANCE.md).
+    Asking for "cuda" where it cannot run is an ExportError, never a silent fallback to the CPU
+    (ONNX Runtime itself falls back quietly, so the providers are checked).
     """
     import onnxruntime as ort
 
@@ -52,6 +58,9 @@ def make_ort_session(onnx_path, device: str = "cpu", threads: int | None = None,
     }[graph_opt]
     if threads is not None:
         options.intra_op_num_threads = int(threads)
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
     try:
         session = ort.InferenceSession(path, sess_options=options, providers=providers)

@@ -121,10 +121,10 @@ def test_runtime_loads_the_int8_export_and_agrees_with_fp32(run, exported):
 
 def test_ten_crop_in_graph_int8_keeps_uint8_input_and_fp32_preprocessing(run, tmp_path):
     result = export_checkpoints([run["checkpoint"]], int8=True, ten_crop_in_graph=True, tensorrt="off",
-                                out=tmp_path, calibration_images=4, progress=False)
+                                out=tmp_path, calibration_images=8, progress=False)
     assert result["ok"], result["failures"]
     manifest = result["exports"][0]
-    assert manifest["int8"]["calibration"]["n_inputs"] == 4  # resized images, the graph cuts the crops
+    assert manifest["int8"]["calibration"]["n_inputs"] == 8  # resized images, the graph cuts the crops
     proto = onnx.load(os.path.join(manifest["export_dir"], "model_int8.onnx"))
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     kept = set(manifest["int8"]["fp32_nodes"])
