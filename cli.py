@@ -39,7 +39,13 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli():
-    """Train, export, verify, benchmark and explain CNN image classifiers."""
+    """Train, export, verify, benchmark and explain CNN image classifiers.
+
+    \b
+    The pipeline, in order (`demo` runs all of it on the embedded data set):
+      data synth|check → train ARCH → eval CKPT → export --fp16 → validate EXPORT
+      → predict IMG... → bench --batch 64 → gradcam IMG... | --errors CKPT
+    """
 
 
 @cli.group()
@@ -79,9 +85,9 @@ def data_check(path, verify, as_json):
 @click.option("--quick-data", is_flag=True, help="Use the small embedded set (tests, quick looks).")
 @click.option("--epochs", default=5, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default="sgd", show_default=True, help="SGD with Nesterov momentum, or AdamW.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True, help="AdamW, or SGD with Nesterov momentum.")
 @click.option("--lr", type=float, help="Peak learning rate (default: scaled from the batch size).")
-@click.option("--weight-decay", default=5e-4, show_default=True)
+@click.option("--weight-decay", type=float, help="Default: 0.05 for AdamW, 5e-4 for SGD (never on BatchNorm or biases).")
 @click.option("--dropout", default=0.0, show_default=True, help="Dropout before the classifier.")
 @click.option("--label-smoothing", default=0.0, show_default=True)
 @click.option("--image-size", type=int, help="Crop side (test resize = crop·256/224). Default: the data set's.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -225,12 +226,12 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
     precisions = ["fp32"] + ["fp16"] * settings["fp16"] + ["int8"] * settings["int8"]
 
     artifacts, reports, failures = [], {}, []
-    io = opset = trt_version = quantization = None
+    io = opset = trt_version = quantization = calibration = None
+    fp32_path = os.path.join(export_dir, ONNX_FILES["fp32"])
     for precision in precisions:
         onnx_path = os.path.join(export_dir, ONNX_FILES[precision])
         if precision == "int8":  # quantised from the fp32 graph written (and verified) first
-            quantization = _quantize(members[0], os.path.join(export_dir, ONNX_FILES["fp32"]), onnx_path, io,
-                                     ten_crop, settings)
+            quantization, calibration = _quantize(members[0], fp32_path, onnx_path, io, ten_crop, settings)
         else:
             _log(progress, f"{name}: exporting {ONNX_FILES[precision]}")
             info = export_onnx(model, onnx_path, spec=spec, precision=precision, ten_crop_in_graph=ten_crop,
@@ -243,8 +244,7 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
         if settings["build_trt"]:
             plan_path = os.path.join(export_dir, PLAN_FILES[precision])
             _log(progress, f"{name}: building TensorRT engine {PLAN_FILES[precision]}")
-            built = build_tensorrt_engine(onnx_path, plan_path, **profile_shapes(info["io"], settings["max_batch"]),
-                                          timing_cache_path=os.path.join(settings["out"], TIMING_CACHE_NAME))
+            built = _build_plan(precision, onnx_path, fp32_path, plan_path, io, calibration, settings)
             trt_version = built["tensorrt_version"]
             artifacts.append(file_entry(plan_path, format="tensorrt", precision=precision,
                                         tensorrt_version=trt_version, profile=built["profile"]))
@@ -288,17 +288,37 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
     return {**manifest, "export_dir": os.path.abspath(export_dir)}, failures
 
 
-def _quantize(source: Source, fp32_path: str, int8_path: str, io: dict, ten_crop: bool, settings: dict) -> dict:
-    """model_int8.onnx from model.onnx, calibrated on training images; returns the manifest's ``int8`` section."""
+def _build_plan(precision: str, onnx_path: str, fp32_path: str, plan_path: str, io: dict, calibration, settings: dict):
+    """A TensorRT engine of ``onnx_path``; for int8, of a symmetric-activation sibling graph (TensorRT
+    accepts no other), quantised from the fp32 graph with the same calibration inputs."""
+    shapes = profile_shapes(io, settings["max_batch"])
+    cache = os.path.join(settings["out"], TIMING_CACHE_NAME)
+    if precision != "int8":
+        return build_tensorrt_engine(onnx_path, plan_path, **shapes, timing_cache_path=cache)
+    with tempfile.TemporaryDirectory(prefix=".trt-int8-", dir=os.path.dirname(plan_path)) as tmp:
+        symmetric = os.path.join(tmp, "model_int8_symmetric.onnx")
+        quantize_int8(fp32_path, symmetric, calibration, io=io, activations="int8-symmetric")
+        return build_tensorrt_engine(symmetric, plan_path, **shapes, timing_cache_path=cache)
+
+
+def _quantize(source: Source, fp32_path: str, int8_path: str, io: dict, ten_crop: bool,
+              settings: dict) -> tuple[dict, Tensor]:
+    """model_int8.onnx from model.onnx, calibrated on training images.
+
+    Returns the manifest's ``int8`` section and the calibration inputs (a TensorRT build reuses them).
+    """
     samples, origin = calibration_samples(source.meta, settings["data"], settings["calibration_images"])
     inputs, skipped = calibration_inputs(samples, source.spec, ten_crop)
     _log(settings["progress"], f"{source.name}: quantising {os.path.basename(int8_path)} "
                                f"(calibration: {len(samples) - len(skipped)} training images, {len(inputs)} graph inputs)")
-    settings_used = quantize_int8(fp32_path, int8_path, inputs, io=io)
+    settings_used = quantize_int8(fp32_path, int8_path, inputs, io=io, activations="uint8")
     calibration = {**origin, "n_images": len(samples) - len(skipped), "n_inputs": int(len(inputs)),
                    "input": "resized uint8 image" if ten_crop else "ten normalised crops per image",
                    "images": [s.path for s in samples if s.path not in {p for p, _ in skipped}], "skipped": skipped}
-    return {**settings_used, "calibration": calibration}
+    section = {**settings_used, "calibration": calibration}
+    if settings["build_trt"]:
+        section["tensorrt_activations"] = "int8-symmetric"
+    return section, inputs
 
 
 def _parity(reference: nn.Module, runner, images: Tensor, precision: str, runtime: str, name: str, file: str,

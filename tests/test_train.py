@@ -22,7 +22,7 @@ def tiny_config(tmp_path, **overrides) -> TrainConfig:
 
 
 def test_training_writes_checkpoints_curves_and_learns(tmp_path):
-    summary = train_model(tiny_config(tmp_path, epochs=5, lr=0.02))
+    summary = train_model(tiny_config(tmp_path, epochs=5, optimizer="sgd", lr=0.02))
     run = Path(summary["run_dir"])
     for name in ("best.pt", "last.pt", "split.json", "metrics.csv", "curves.png", "train.json"):
         assert (run / name).stat().st_size > 0, name

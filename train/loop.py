@@ -31,7 +31,7 @@ from data import synth
 from models import create_model, default_spec, list_models
 from models.checkpoint import save_checkpoint
 from train.history import plot_curves, write_csv
-from train.optim import default_lr, make_optimizer, warmup_cosine
+from train.optim import default_lr, default_weight_decay, make_optimizer, warmup_cosine
 
 
 @dataclass
@@ -41,9 +41,9 @@ class TrainConfig:
     quick_data: bool = False            # the small embedded set (tests, demo --quick)
     epochs: int = 5
     batch_size: int = 32
-    optimizer: str = "sgd"
+    optimizer: str = "adamw"
     lr: Optional[float] = None          # None: scaled from the batch size
-    weight_decay: float = 5e-4
+    weight_decay: Optional[float] = None  # None: 0.05 for AdamW, 5e-4 for SGD
     dropout: float = 0.0
     label_smoothing: float = 0.0
     image_size: Optional[int] = None    # crop side; None: the data set's / model's default
@@ -91,7 +91,8 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     val_set = ImageDataset(split.test, eval_transform(spec, crops=1))
     steps_per_epoch = -(-len(train_set) // (config.batch_size * world_size))
     lr = config.lr or default_lr(config.optimizer, config.batch_size)
-    optimizer = make_optimizer(model, config.optimizer, lr, config.weight_decay)
+    weight_decay = default_weight_decay(config.optimizer) if config.weight_decay is None else config.weight_decay
+    optimizer = make_optimizer(model, config.optimizer, lr, weight_decay)
     scheduler = warmup_cosine(optimizer, config.epochs * steps_per_epoch, warmup_steps=steps_per_epoch)
     history, start_epoch, best_top1 = [], 0, -1.0
     if config.resume:
