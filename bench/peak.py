@@ -1,10 +1,12 @@
 """The device's measured matrix-multiply peak per precision: the denominator of achieved FLOP/s.
 
 Measured in the same run as the rows it divides, because a shared or throttled machine's real peak
-is whatever it delivers now, not a datasheet figure. One BLAS is not always the fastest on a CPU
-(MKL's fp32 GEMM trails OpenBLAS on AMD processors), so fp32 on the CPU takes the best of PyTorch
-and NumPy, over two matrix sizes. int8 on the CPU takes the best of ``torch._int_mm`` (oneDNN) and
-ONNX Runtime's MatMulInteger (uint8 x int8: MLAS, the kernels behind its quantised convolutions).
+is whatever it delivers now, not a datasheet figure. One library is not always the fastest on a
+CPU (MKL's fp32 GEMM trails OpenBLAS on AMD processors), so the CPU peak is the best of PyTorch,
+NumPy (fp32) and ONNX Runtime (fp32 MatMul; int8 MatMulInteger, uint8 x int8, the MLAS kernels
+behind its quantised convolutions), over two matrix sizes. A backend's convolutions can still beat
+these GEMMs (ONNX Runtime's fp32 NCHWc convolutions did, by a few percent): the fraction is then
+reported above 100 % and flagged.
 """
 from __future__ import annotations
 
@@ -68,7 +70,7 @@ def _kernels(precision: str, side: int, device: torch.device) -> list[tuple[str,
         b = torch.randint(-128, 128, (side, side), dtype=torch.int8, generator=generator).to(device)
         kernels = [("torch._int_mm", lambda: torch._int_mm(a, b))] if hasattr(torch, "_int_mm") else []
         if device.type == "cpu":
-            kernels.append(("onnxruntime MatMulInteger", _ort_int8_matmul(side, generator)))
+            kernels.append(("onnxruntime MatMulInteger", _ort_matmul("int8", side, generator)))
         return kernels
     a = torch.randn(side, side, generator=generator).to(device=device, dtype=_FLOAT_DTYPES[precision])
     b = torch.randn(side, side, generator=generator).to(device=device, dtype=_FLOAT_DTYPES[precision])
@@ -76,21 +78,27 @@ def _kernels(precision: str, side: int, device: torch.device) -> list[tuple[str,
     if precision == "fp32" and device.type == "cpu":
         a_np, b_np = a.numpy(), b.numpy()
         kernels.append(("numpy.matmul", lambda: np.matmul(a_np, b_np)))
+        kernels.append(("onnxruntime MatMul", _ort_matmul("fp32", side, generator)))
     return kernels
 
 
-def _ort_int8_matmul(side: int, generator: torch.Generator) -> Callable[[], object]:
-    """One MatMulInteger (uint8 [side, side] x int8 [side, side] -> int32) on ONNX Runtime's CPU provider."""
+def _ort_matmul(precision: str, side: int, generator: torch.Generator) -> Callable[[], object]:
+    """One [side, side] x [side, side] product on ONNX Runtime's CPU provider: float32 MatMul, or
+    MatMulInteger (uint8 x int8 -> int32) for int8."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
+    if precision == "int8":
+        op, types, out_type = "MatMulInteger", (TensorProto.UINT8, TensorProto.INT8), TensorProto.INT32
+        feeds = {"a": torch.randint(0, 256, (side, side), dtype=torch.uint8, generator=generator).numpy(),
+                 "b": torch.randint(-128, 128, (side, side), dtype=torch.int8, generator=generator).numpy()}
+    else:
+        op, types, out_type = "MatMul", (TensorProto.FLOAT, TensorProto.FLOAT), TensorProto.FLOAT
+        feeds = {name: torch.randn(side, side, generator=generator).numpy() for name in ("a", "b")}
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "int8_matmul",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [side, side]),
-         helper.make_tensor_value_info("b", TensorProto.INT8, [side, side])],
-        [helper.make_tensor_value_info("c", TensorProto.INT32, [side, side])])
+        [helper.make_node(op, ["a", "b"], ["c"])], f"{precision}_matmul",
+        [helper.make_tensor_value_info(name, t, [side, side]) for name, t in zip(("a", "b"), types)],
+        [helper.make_tensor_value_info("c", out_type, [side, side])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # any ONNX Runtime reads IR 8
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {"a": torch.randint(0, 256, (side, side), dtype=torch.uint8, generator=generator).numpy(),
-             "b": torch.randint(-128, 128, (side, side), dtype=torch.int8, generator=generator).numpy()}
     return lambda: session.run(None, feeds)

@@ -23,8 +23,9 @@ Choices, and why:
   at inference (ten normalised crops per image, or the resized uint8 image for an in-graph ten-crop
   graph). The test images are never seen: they are what the parity gate and the bench score on;
 - the graph's preprocessing prefix (in-graph normalisation and crop slicing) and the classifier head
-  (every Gemm/MatMul and what follows it: ten-crop mean, ensemble logit sum) stay in fp32: the head
-  costs nothing next to the convolutions, and quantising logits would only cost agreement.
+  (global average pooling, every Gemm/MatMul and what follows them: ten-crop mean, ensemble logit
+  sum) stay in fp32: the head costs nothing next to the convolutions, and 8-bit pooled features or
+  logits would only cost agreement.
 """
 from __future__ import annotations
 
@@ -119,7 +120,7 @@ class _Batches:
 
 
 def fp32_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Names of the nodes kept in fp32: the preprocessing prefix and the head (Gemm/MatMul and downstream)."""
+    """Names of the nodes kept in fp32: the preprocessing prefix and the head (HEAD_OPS and downstream)."""
     constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
     keep = set(preprocessing_nodes(graph, constants))
     downstream = set()
