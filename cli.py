@@ -178,15 +178,17 @@ def predict(paths, model, backend, device, precision, crops, batch, topk, csv_pa
               help="Instead of IMAGES: galleries of misclassified and correct test images of this checkpoint.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="--errors: data root (default: the run's split).")
 @click.option("--limit", default=16, show_default=True, help="--errors: images per gallery.")
+@click.option("--images", "max_images", type=int, help="--errors: scan at most this many test images (default: all).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default runs/gradcam).")
 @json_option
-def gradcam(images, model, class_name, crops, errors_of, data, limit, out, as_json):
+def gradcam(images, model, class_name, crops, errors_of, data, limit, max_images, out, as_json):
     """Grad-CAM panels (image, heatmap, overlay) for the predicted class; ten-crop aware."""
     from gradcam import errors_gallery, gradcam_images
     from gradcam.render import render_errors, render_gradcam
 
     if errors_of:
-        emit(errors_gallery(errors_of, data=data, limit=limit, crops=int(crops), out=out, progress=not as_json),
+        emit(errors_gallery(errors_of, data=data, limit=limit, crops=int(crops), out=out, images=max_images,
+                            progress=not as_json),
              as_json, render_errors)
     elif images:
         emit(gradcam_images(list(images), model=model, class_name=class_name, crops=int(crops),
@@ -199,7 +201,8 @@ def gradcam(images, model, class_name, crops, errors_of, data, limit, out, as_js
 @click.argument("export_dir", type=click.Path(exists=True))
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="Data root (default: the source run's split).")
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default EXPORT/validation).")
-@click.option("--limit", type=int, help="At most this many test images.")
+@click.option("--limit", type=int, help="At most this many test images in the Grad-CAM comparison "
+              "(the parity gates still use at least 200).")
 @json_option
 def validate(export_dir, data, out, limit, as_json):
     """Parity gates and CAM agreement of an export against its PyTorch reference, with panels."""
@@ -220,11 +223,13 @@ def validate(export_dir, data, out, limit, as_json):
               help="Build TensorRT engines: auto = when TensorRT and a GPU exist.")
 @click.option("--max-batch", default=64, show_default=True, help="Largest batch of images the exports are built for.")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="Held-out images for parity (default: the run's split).")
+@click.option("--parity-images", default=200, show_default=True,
+              help="Held-out images each graph is checked on (at most; spread over the classes).")
 @click.option("--out", default="runs/export", show_default=True, type=click.Path(file_okay=False))
 @click.option("--train-dir", default="runs/train", show_default=True, help="Where to find checkpoints when none is named.")
 @json_option
-def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, tensorrt, max_batch, data, out, train_dir,
-           as_json):
+def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, tensorrt, max_batch, data, parity_images, out,
+           train_dir, as_json):
     """Export CHECKPOINTS (default: every runs/train/*/best.pt, plus their ensemble) and verify each against PyTorch.
 
     A failed parity gate exits non-zero and names the gate and the tolerance that would have been needed.
@@ -233,8 +238,8 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
     from export.render import render_export
 
     emit(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop_in_graph=ten_crop_in_graph,
-                            cam_output=cam_output, int8=int8, tensorrt=tensorrt, max_batch=max_batch, data=data, out=out,
-                            train_dir=train_dir, progress=not as_json), as_json, render_export)
+                            cam_output=cam_output, int8=int8, tensorrt=tensorrt, max_batch=max_batch, data=data,
+                            parity_images=parity_images, out=out, train_dir=train_dir, progress=not as_json), as_json, render_export)
 
 
 @cli.command()

@@ -15,7 +15,7 @@ from torch import Tensor
 from data.folder import scan_folder
 from data.images import ImageError, load_rgb
 from data.spec import PreprocessSpec
-from data.split import load_split, make_split
+from data.split import load_split, make_split, spread_evenly
 from data.transforms import resize_uint8
 from models.checkpoint import CheckpointError, read_checkpoint_meta
 
@@ -138,7 +138,5 @@ def load_evalset(key: Optional[str], description: str, limit: Optional[int]) -> 
     if not samples:
         raise ValueError(f"{description} is empty")
     total = len(samples)
-    if limit is not None and len(samples) > limit:
-        picks = np.unique(np.linspace(0, len(samples) - 1, limit).round().astype(int))
-        samples = [samples[i] for i in picks]
+    samples = spread_evenly(samples, limit)
     return EvalSet(description, [s.path for s in samples], [s.label for s in samples], list(split.classes), total)

@@ -115,6 +115,17 @@ if [ -f runtime/cuda_check.py ]; then
         --batch 64 --no-compile --out "$OUT/runtime_cuda_check.json"
 fi
 
+# int8: the QDQ graph for ONNX Runtime plus, where TensorRT exists, the engine built from its
+# symmetric-activation sibling (export/int8.py); both pass through the int8 parity gate.
+step export_int8 150 python -c "
+import json, sys, export
+result = export.export_checkpoints(['$CHECKPOINT'], int8=True, calibration_images=16, out='$WORK/export_int8',
+                                   tensorrt='auto', max_batch=64, progress=True)
+json.dump(result, open('$OUT/export_int8.json', 'w'), indent=2, default=str)
+print(export.format_parity_table(result['exports']))
+sys.exit(0 if result['ok'] else 1)
+"
+
 step micro_benchmarks 120 python -m pytest tests/benchmarks --benchmark-only --benchmark-enable -q \
     -p no:cacheprovider --benchmark-json="$OUT/micro_benchmarks.json"
 

@@ -6,6 +6,8 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
+
 from common import atomic_write_json, read_json
 from data.folder import FolderIndex, Sample
 
@@ -22,6 +24,17 @@ class Split:
     test: list[Sample]
     seed: int
     test_fraction: float
+
+
+def spread_evenly(items: list, count: int | None) -> list:
+    """At most ``count`` items picked evenly over the list (None: all). A split's lists are sorted by
+    class, so a subset picked this way still covers every class."""
+    if count is None or len(items) <= count:
+        return list(items)
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    picks = np.unique(np.linspace(0, len(items) - 1, count).round().astype(int))
+    return [items[i] for i in picks]
 
 
 def make_split(index: FolderIndex, test_fraction: float = 0.2, seed: int = 0) -> Split:

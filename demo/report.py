@@ -31,6 +31,8 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
               f"Whole pipeline: {r['seconds']:.0f} s on {r['bench']['machine']['cpu']} "
               f"({r['bench']['machine']['cpu_cores']} cores, {r['bench']['device']})."),
         ("h2", "Accuracy on the held-out test split"),
+        ("p", "Each model through its exported fp32 graph (ONNX Runtime), which the parity table below "
+              "checks against the PyTorch fp32 model."),
         ("table", ["model", "params", "top-1 (1 crop)", "top-5 (1 crop)", "top-1 (10 crops)", "top-5 (10 crops)",
                    "mean per-class (10 crops)"], _accuracy_rows(r)),
         ("h2", "Training curves"),

@@ -40,12 +40,11 @@ from torch import Tensor
 
 from common import atomic_write
 from data.folder import scan_folder
-from data.images import ImageError, load_rgb
 from data.spec import PreprocessSpec
-from data.split import load_split, make_split
-from data.transforms import eval_transform, resize_uint8
+from data.split import load_split, make_split, spread_evenly
 from export.errors import ExportError
 from export.fp16 import preprocessing_nodes
+from export.inputs import graph_inputs
 from export.onnx_export import check_graph
 
 CALIBRATION_IMAGES = 64
@@ -79,27 +78,14 @@ def calibration_samples(meta: dict, data=None, count: int = CALIBRATION_IMAGES) 
     samples = list(split.train)
     if not samples:
         raise ExportError(f"{origin['path']}: the split has no training images to calibrate on")
-    if len(samples) > count:
-        picks = np.unique(np.linspace(0, len(samples) - 1, count).round().astype(int))
-        samples = [samples[i] for i in picks]
+    samples = spread_evenly(samples, count)
     return samples, origin
 
 
 def calibration_inputs(samples, spec: PreprocessSpec, ten_crop_in_graph: bool) -> tuple[Tensor, list]:
-    """What the graph takes for each readable sample: its ten normalised crops (stacked, 10 rows per
-    image), or the resized uint8 image for an in-graph ten-crop graph. Unreadable images are listed."""
-    ten_crops = eval_transform(spec, crops=10)
-    tensors, skipped = [], []
-    for sample in samples:
-        try:
-            img = load_rgb(sample.path)
-        except ImageError as exc:
-            skipped.append([sample.path, str(exc)])
-            continue
-        tensors.append(resize_uint8(img, spec).unsqueeze(0) if ten_crop_in_graph else ten_crops(img))
-    if not tensors:
-        raise ExportError(f"none of the {len(samples)} calibration images could be read (first: {skipped[0][1]})")
-    return torch.cat(tensors), skipped
+    """What the graph takes for each readable sample: its ten normalised crops (10 rows per image), or
+    the resized uint8 image for an in-graph ten-crop graph. Unreadable images are listed."""
+    return graph_inputs(samples, spec, ten_crop_in_graph, crops=10, purpose="calibration")
 
 
 class _Batches:

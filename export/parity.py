@@ -117,7 +117,14 @@ def run_parity(reference: nn.Module, run_exported: Callable[[np.ndarray], np.nda
     """
     if len(images) == 0:
         raise ValueError("parity needs at least one image")
-    expected = reference_logits(reference, images, batch_size)
+    return compare_with_reference(reference_logits(reference, images, batch_size), run_exported, images, precision,
+                                  batch_size=batch_size)
+
+
+def compare_with_reference(expected: np.ndarray, run_exported: Callable[[np.ndarray], np.ndarray], images: Tensor,
+                           precision: str, *, batch_size: int = DEFAULT_BATCH) -> dict:
+    """run_parity with the reference's logits on ``images`` already computed (one reference pass
+    serves every artifact of an export)."""
     got = exported_logits(run_exported, images, batch_size)
     return apply_gates(compare_logits(expected, got), precision)
 

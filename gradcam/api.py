@@ -20,11 +20,12 @@ from common import atomic_write_json, topk_indices
 from data.folder import Sample, scan_folder
 from data.images import ImageError, load_rgb
 from data.spec import PreprocessSpec
-from data.split import load_split, make_split
+from data.split import load_split, make_split, spread_evenly
 from data.synth import mask_path
 from data.transforms import resize_uint8
 from export import ExportError, load_manifest
 from export.ort import logits_runner
+from export.pipeline import PARITY_IMAGES
 from export.parity import apply_gates, compare_logits, exported_logits, reference_logits
 from gradcam.exported import ExportedCam, cam_gate_report, compare_maps, load_reference
 from gradcam.panels import GalleryRow, MapView, save_gallery, save_panel
@@ -248,16 +249,6 @@ def _test_samples(record: dict, data, classes: list[str]) -> tuple[list[Sample],
     return split.test, origin
 
 
-def _spread(samples: list, limit: int | None) -> list:
-    """At most ``limit`` samples, evenly spaced over the list (so every class is represented)."""
-    if limit is None or len(samples) <= limit:
-        return samples
-    if limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
-    picks = np.unique(np.linspace(0, len(samples) - 1, limit).round().astype(int))
-    return [samples[i] for i in picks]
-
-
 @dataclass
 class _ArtifactCheck:
     """What validate accumulates for one exported graph over the image groups."""
@@ -274,7 +265,9 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
 
     Per graph: the numeric parity gates (export.parity, on the inputs the export's parity uses:
     centre crops, or resized images for an in-graph ten-crop graph), and with cam_output the CAM
-    gate (ten crops); panels for every image whose ten-crop top-1 differs (reference map of the
+    gate (ten crops). ``limit`` caps the images of the Grad-CAM comparison (the costly part); the
+    parity gates still see at least PARITY_IMAGES images (their 99 % rates need over a hundred to
+    mean anything), or all of the split when it is smaller. Panels for every image whose ten-crop top-1 differs (reference map of the
     reference's class vs exported map of the export's class; the reference's Grad-CAM of both
     classes when the export has no CAM) and for the MOST_MOVED images whose maps moved most. The
     JSON report goes atomically to ``out``/validation.json (default: <export>/validation/).
@@ -284,7 +277,10 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
         reference, meta = load_reference(manifest)
         spec, classes = PreprocessSpec.from_dict(manifest["spec"]), list(manifest["classes"])
         samples, origin = _test_samples(meta.get("record", {}), data, classes)
-        samples = _spread(samples, limit)
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        samples = spread_evenly(samples, None if limit is None else max(limit, PARITY_IMAGES))
+        cam_paths = {s.path for s in spread_evenly(samples, limit)}
         precisions = [a["precision"] for a in manifest["artifacts"] if a["format"] == "onnx"]
         checks = {p: _ArtifactCheck(ExportedCam(manifest, p), [], [], [], []) for p in precisions}
     except _INPUT_ERRORS as exc:
@@ -293,15 +289,22 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
     in_graph = bool(manifest.get("ten_crop_in_graph"))
     parity_reference = TenCropModel(reference, spec).eval() if in_graph else reference
 
-    _log(progress, f"{manifest['name']}: {len(samples)} test images, graphs {', '.join(precisions)}")
-    reference_chunks, failures, used, counter = [], [], set(), 0
+    _log(progress, f"{manifest['name']}: {len(samples)} test images for parity, {len(cam_paths)} of them for "
+                   f"Grad-CAM; graphs {', '.join(precisions)}")
+    reference_chunks, failures, used, counter, cam_images = [], [], set(), 0, 0
     for group, batch in _groups(samples, spec, failures, progress, f"validate {manifest['name']}"):
         parity_input = batch if in_graph else cut_crops(batch, spec, 1)[:, 0]
         reference_chunks.append(reference_logits(parity_reference, parity_input))
-        ref_cam = image_cam(reference, batch, spec, crops=10)
-        for precision, check in checks.items():
+        for check in checks.values():
             check.logits.append(exported_logits(logits_runner(check.exported.session), parity_input))
-            counter = _compare_group(check, reference, group, batch, spec, ref_cam, classes, out, used, counter)
+        picked = [i for i, image in enumerate(group) if image.path in cam_paths]
+        if not picked:
+            continue
+        cam_group, cam_batch = [group[i] for i in picked], batch[picked]
+        cam_images += len(picked)
+        ref_cam = image_cam(reference, cam_batch, spec, crops=10)
+        for check in checks.values():
+            counter = _compare_group(check, reference, cam_group, cam_batch, spec, ref_cam, classes, out, used, counter)
 
     if not reference_chunks:
         return {"ok": False, "error": f"none of the {len(samples)} test images could be read", "failures": failures}
@@ -328,7 +331,7 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
         "export": manifest["name"],
         "export_dir": manifest["export_dir"],
         "kind": manifest["kind"],
-        "images": {**origin, "n_images": len(expected), "skipped": failures},
+        "images": {**origin, "n_images": len(expected), "cam_images": cam_images, "skipped": failures},
         "parity_input": "resized uint8 image (ten crops in the graph)" if in_graph else "normalised centre crop",
         "cam_crops": 10,
         "artifacts": artifacts,
@@ -394,13 +397,14 @@ def _moved_panel(facts: dict, out: str, used: set[str], classes: list[str]) -> s
 
 
 def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10, out=None,
-                   progress: bool = True) -> dict:
+                   images: int | None = None, progress: bool = True) -> dict:
     """Grids of misclassified test images (maps of the true and the predicted class) and of correct
     ones, the ``crops``-crop model's predictions; with object masks, the pointing game, 1 vs 10 crops.
 
     Galleries show the ``limit`` most confident errors and ``limit`` correct images spread over the
     classes. The pointing game explains the TRUE class (it scores localisation, not classification):
     a hit when the map's peak on the resized image falls inside the object mask.
+    ``images``: scan at most this many test images, spread over the classes (None: all).
     """
     try:
         if crops not in (1, 10):
@@ -411,6 +415,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
         model, meta = load_checkpoint(path)
         spec, classes = PreprocessSpec.from_dict(meta["spec"]), list(meta["classes"])
         samples, origin = _test_samples(meta.get("record", {}), data, classes)
+        samples = spread_evenly(samples, images)
     except _INPUT_ERRORS as exc:
         return {"ok": False, "error": str(exc)}
     run_name = os.path.basename(os.path.dirname(os.path.abspath(path))) or "model"

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from common import accuracy_report, atomic_write_json
+from data.split import spread_evenly
 from runtime.evaluate import held_out_split
 from runtime.loader import load
 from runtime.pipeline import nvjpeg_works, run_files
@@ -48,8 +49,7 @@ def cuda_check(checkpoint, *, export_dir=None, data=None, images: int = 256, bat
                                            f"CUDA build {torch.version.cuda})"}
     reference_predictor = load(checkpoint, backend="torch", device="cpu")
     split, split_source = held_out_split(reference_predictor, data)
-    picks = np.unique(np.linspace(0, len(split.test) - 1, min(images, len(split.test))).round().astype(int))
-    samples = [split.test[i] for i in picks]
+    samples = spread_evenly(split.test, images)
     paths = [s.path for s in samples]
     reference = run_files(reference_predictor, paths, batch=batch, workers=workers, preprocess="host")
     labels = np.array([samples[p].label for p in reference.positions])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torchvision.transforms as T
 from torch import nn
@@ -87,3 +88,17 @@ def torchvision_ten_crop_logits(checkpoint: str, paths: list[str], crops: int = 
 def held_out_images(run: dict) -> tuple[list[str], list[int]]:
     split = load_split(run["split"])
     return [s.path for s in split.test], [s.label for s in split.test]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained checkpoint with its split (shared by the runtime test modules; one per module)."""
+    torch.manual_seed(0)
+    return tiny_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="module")
+def reference(run):
+    """The held-out images, their labels and torchvision's ten-crop logits for them."""
+    paths, labels = held_out_images(run)
+    return paths, labels, torchvision_ten_crop_logits(run["checkpoint"], paths)

@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 
 from data.folder import FolderIndex, Sample
-from data.split import load_split, make_split, save_split
+from data.split import load_split, make_split, save_split, spread_evenly
 
 CLASS_SIZES = {"001.a": 50, "002.b": 10, "003.c": 7, "004.d": 2, "005.e": 1}
 
@@ -93,3 +93,13 @@ def test_bad_fraction_and_bad_files(data_index, tmp_path):
     bad.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="label 99"):
         load_split(bad)
+
+
+def test_spread_evenly_keeps_every_class_of_a_sorted_list():
+    items = [(label, i) for label in range(8) for i in range(10)]   # sorted by class, as a split is
+    picked = spread_evenly(items, 16)
+    assert len(picked) == 16 and picked[0] == items[0] and picked[-1] == items[-1]
+    assert sorted(Counter(label for label, _ in picked).values()) == [2] * 8
+    assert spread_evenly(items, None) == items and spread_evenly(items, 500) == items
+    with pytest.raises(ValueError, match="at least 1"):
+        spread_evenly(items, 0)

@@ -148,3 +148,10 @@ def test_errors_gallery_without_masks(run, tmp_path):
     result = errors_gallery(run["checkpoint"], data=data, limit=2, crops=1, out=tmp_path / "e", progress=False)
     assert result["ok"] and result["pointing_game"] is None and result["pointing_game_note"]
     assert result["images"]["source"].startswith("seed-0 split")
+
+
+def test_errors_gallery_scans_at_most_the_images_asked_for(run, tmp_path):
+    result = errors_gallery(run["checkpoint"], limit=2, crops=1, images=3, out=tmp_path / "few", progress=False)
+    assert result["ok"], result
+    assert result["images"]["n_images"] == 3 < len(run["split"].test)
+    assert result["pointing_game"]["1_crop"]["images"] == 3

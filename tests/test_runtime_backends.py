@@ -19,21 +19,9 @@ import export
 import runtime
 from runtime.pipeline import run_files
 from runtime.trt_backend import tensorrt_problem
-from runtime_testlib import held_out_images, tiny_run, torchvision_ten_crop_logits
+from runtime_testlib import reference, run  # noqa: F401 (shared fixtures)
 
 UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    torch.manual_seed(0)
-    return tiny_run(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def reference(run):
-    paths, labels = held_out_images(run)
-    return paths, torchvision_ten_crop_logits(run["checkpoint"], paths)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +79,7 @@ CONFIGS = [
 def test_backend_agrees_with_the_reference(run, reference, exports, artifact, backend, precision, channels_last):
     if backend == "tensorrt" and tensorrt_problem():
         pytest.skip(f"TensorRT: {tensorrt_problem()}")
-    paths, expected = reference
+    paths, _, expected = reference
     path = run["checkpoint"] if artifact == "checkpoint" else exports[artifact]
     predictor = runtime.load(path, backend=backend, precision=precision, channels_last=channels_last)
     assert (predictor.backend, predictor.precision) == (backend, precision)
@@ -182,6 +170,6 @@ def test_torch_compile_path(run, reference, monkeypatch):
     monkeypatch.setattr(torch, "compile", eager_compile)
     predictor = runtime.load(run["checkpoint"], device="cpu", compile="reduce-overhead")
     assert calls == ["reduce-overhead"] and "compiled" in predictor.name
-    paths, expected = reference
+    paths, _, expected = reference
     result = run_files(predictor, paths[:4], workers=0)
     assert (result.logits - expected[:4]).abs().max() <= 1e-3

@@ -10,19 +10,7 @@ from common import accuracy_report
 from data.images import load_rgb
 from data.transforms import resize_uint8
 from runtime.pipeline import resize_on_device, run_files
-from runtime_testlib import held_out_images, tiny_run, torchvision_ten_crop_logits
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    torch.manual_seed(0)
-    return tiny_run(tmp_path_factory.getbasetemp())
-
-
-@pytest.fixture(scope="module")
-def reference(run):
-    paths, labels = held_out_images(run)
-    return paths, labels, torchvision_ten_crop_logits(run["checkpoint"], paths)
+from runtime_testlib import reference, run, torchvision_ten_crop_logits  # noqa: F401 (shared fixtures)
 
 
 def test_evaluate_equals_torchvision_ten_crop_by_hand(run, reference):
