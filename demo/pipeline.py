@@ -5,6 +5,7 @@ A second run in the same folder reuses finished training runs and resumes interr
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -54,11 +55,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False, progress: bool = True)
                      lambda: _export(checkpoints, out, progress), progress)
     # Accuracy through each verified fp32 graph: the parity table shows it is the PyTorch model to
     # ~1e-6 in the logits, and ONNX Runtime runs it 2-4x faster here than PyTorch eager.
-    accuracy = {_accuracy_name(m): _step(steps, f"eval {m['name']}", f"python cli.py eval {m['export_dir']} --crops 1|10",
+    accuracy = {_accuracy_name(m): _step(steps, f"eval {m['name']}",
+                                         f"python cli.py eval {_shown(m['export_dir'])} --crops 1|10",
                                          lambda m=m: _evaluate_both(m["export_dir"], progress), progress)
                 for m in exported["exports"]}
     validations = {m["name"]: _step(steps, f"validate {m['name']}",
-                                    f"python cli.py validate {m['export_dir']} --limit {settings.validate_images}",
+                                    f"python cli.py validate {_shown(m['export_dir'])} --limit {settings.validate_images}",
                                     lambda m=m: _validate(m["export_dir"], settings, progress), progress)
                    for m in exported["exports"]}
     bench = _step(steps, "bench", f"python cli.py bench --batch {settings.bench_batch} --seconds "
@@ -106,6 +108,12 @@ def _train(arch: str, s: DemoSettings, quick: bool, out: Path, progress: bool) -
                          width_mult=s.width_mult, out=str(out / "train"), progress=progress,
                          resume=(run_dir / "last.pt").exists())
     return train_model(config)
+
+
+def _shown(path: str) -> str:
+    """``path`` as a command line would give it: relative to the working folder when inside it."""
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
 
 
 def _accuracy_name(manifest: dict) -> str:

@@ -56,15 +56,21 @@ class TorchPredictor(Predictor):
 def _compile_model(model: nn.Module, compile: bool | str, device: str) -> nn.Module:
     """torch.compile (inductor). A string is the mode ("reduce-overhead" replays CUDA graphs).
 
-    On the CPU the weights are frozen into the compiled graph (inductor's ``freezing``): it folds
-    BatchNorm into the convolutions and pre-packs the weights for oneDNN once, where the unfrozen
-    graph re-reads them as inputs on every call. For ResNet26 at 224 px in bf16 it ran about 12 %
-    faster than the unfrozen compiled graph here and compiled in 7-12 s instead of about 20 s.
-    A predictor never trains, so freezing is always safe for it.
+    On the CPU: mode "max-autotune" with the weights frozen into the compiled graph (inductor's
+    ``freezing``: BatchNorm folded into the convolutions, weights pre-packed for oneDNN once instead
+    of re-read as inputs on every call). Freezing is switched on in inductor's config, process-wide:
+    passed as ``options={"freezing": True}`` the same bf16 ResNet26 (224 px, 80 crops) ran at 60
+    crops/s, with the config flag at 70, and with max-autotune on top at 74 (torch 2.14, this
+    2-core CPU). Freezing only applies to graphs compiled for inference, so training is unaffected.
     """
     if isinstance(compile, str):
         return torch.compile(model, mode=compile)
-    return torch.compile(model, options={"freezing": True} if device == "cpu" else None)
+    if device != "cpu":
+        return torch.compile(model)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True
+    return torch.compile(model, mode="max-autotune")
 
 
 @contextlib.contextmanager
