@@ -29,10 +29,10 @@ class Split:
 def spread_evenly(items: list, count: int | None) -> list:
     """At most ``count`` items picked evenly over the list (None: all). A split's lists are sorted by
     class, so a subset picked this way still covers every class."""
+    if count is not None and count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
     if count is None or len(items) <= count:
         return list(items)
-    if count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
     picks = np.unique(np.linspace(0, len(items) - 1, count).round().astype(int))
     return [items[i] for i in picks]
 

@@ -267,10 +267,11 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
     centre crops, or resized images for an in-graph ten-crop graph), and with cam_output the CAM
     gate (ten crops). ``limit`` caps the images of the Grad-CAM comparison (the costly part); the
     parity gates still see at least PARITY_IMAGES images (their 99 % rates need over a hundred to
-    mean anything), or all of the split when it is smaller. Panels for every image whose ten-crop top-1 differs (reference map of the
-    reference's class vs exported map of the export's class; the reference's Grad-CAM of both
-    classes when the export has no CAM) and for the MOST_MOVED images whose maps moved most. The
-    JSON report goes atomically to ``out``/validation.json (default: <export>/validation/).
+    mean anything), or all of the split when it is smaller. Panels for every image whose ten-crop
+    top-1 differs (reference map of the reference's class vs exported map of the export's class; the
+    reference's Grad-CAM of both classes when the export has no CAM) and for the MOST_MOVED images
+    whose maps moved most. The JSON report goes atomically to ``out``/validation.json (default:
+    <export>/validation/).
     """
     try:
         manifest = load_manifest(export_dir)
