@@ -193,7 +193,8 @@ def test_ten_crop_in_graph_export_on_the_data_folder(runs, tmp_path, capsys):
     assert manifest["ten_crop_in_graph"] is True and manifest["cam_weights"] is None
     assert manifest["io"]["inputs"] == [{"name": "images", "dtype": "uint8", "shape": ["batch", 3, 55, 55]}]
     assert manifest["io"]["crops_per_image"] == 10
-    assert manifest["parity"]["images"]["source"] == "folder" and manifest["parity"]["images"]["n_images"] == 5
+    assert manifest["parity"]["images"]["source"] == "seed-0 split of a folder"
+    assert manifest["parity"]["images"]["n_images"] == 5
     assert manifest["parity"]["images"]["input"] == "resized uint8 image"
     captured = capsys.readouterr()
     assert captured.out == "" and "[export] r18: model_fp16.onnx parity on 5 images" in captured.err
@@ -243,3 +244,15 @@ def test_bad_options_are_errors(runs, tmp_path):
         export_checkpoints(checkpoint, tensorrt="off", parity_images=0, out=tmp_path)
     with pytest.raises(ExportError, match="cannot read the parity images: data folder not found"):
         export_checkpoints(checkpoint, tensorrt="off", data=tmp_path / "nowhere", out=tmp_path, progress=False)
+
+
+def test_data_means_the_test_part_of_the_folders_seed_0_split(runs, tmp_path):
+    """--data is the same held-out set as eval/validate/bench use, never the training images."""
+    checkpoint = str(runs["train"] / "r18" / "best.pt")
+    root = runs["index"].root
+    result = export_checkpoints([checkpoint], tensorrt="off", parity_images=1000, data=root, out=tmp_path,
+                                progress=False)
+    images = result["exports"][0]["parity"]["images"]
+    test = make_split(scan_folder(root), seed=0).test
+    assert images["source"] == "seed-0 split of a folder" and images["path"] == os.path.abspath(root)
+    assert images["n_images"] == len(test) < len(runs["index"].samples)

@@ -73,10 +73,13 @@ def test_cam_gates():
     rows = [{"correlation": c, "peak_distance_px": 1.0, "peak_distance_frac": 0.1} for c in (0.995, 0.985)]
     fp32, fp16 = cam_gate_report(rows, "fp32"), cam_gate_report(rows, "fp16")
     assert fp32["mean_correlation"] == pytest.approx(0.99) and fp32["min_correlation"] == 0.985
-    assert fp16["passed"] and fp16["gate"]["limit"] == 0.98
+    assert fp16["passed"] and fp16["gates"]["mean_correlation"]["limit"] == 0.98
     assert not cam_gate_report(rows[1:], "fp32")["passed"]
+    int8 = cam_gate_report(rows[1:], "int8")
+    assert int8["passed"] and int8["gates"]["mean_correlation"] == {"value": 0.985, "op": ">=", "limit": 0.95,
+                                                                     "passed": True}
     with pytest.raises(ValueError, match="precision"):
-        cam_gate_report(rows, "int8")
+        cam_gate_report(rows, "bf16")
 
 
 @pytest.mark.parametrize("export", ["single", "xception"])
@@ -190,3 +193,22 @@ def test_validate_export_against_a_mismatched_reference_fails_with_panels(setup,
 def test_validate_export_reports_bad_input(tmp_path):
     result = validate_export(tmp_path / "nothing", progress=False)
     assert not result["ok"] and "manifest" in result["error"]
+
+
+def test_validate_gates_the_cam_of_an_int8_export(tmp_path_factory):
+    """An --int8 --cam-output export validates: its CAM has a gate like every other precision's."""
+    from export.parity import CAM_GATES
+    from runtime_testlib import tiny_run
+
+    run = tiny_run(tmp_path_factory.getbasetemp())
+    out = tmp_path_factory.mktemp("int8-cam")
+    manifest = export_checkpoints([run["checkpoint"]], int8=True, cam_output=True, tensorrt="off", out=out,
+                                  calibration_images=8, progress=False)["exports"][0]
+    report = validate_export(manifest["export_dir"], limit=4, progress=False)
+    assert "error" not in report, report.get("error")
+    cam = report["artifacts"]["int8"]["cam"]
+    assert cam["n_images"] == 4 and cam["gates"]["mean_correlation"]["limit"] == CAM_GATES["int8"]["mean_correlation"][1]
+    assert cam["passed"] == (cam["mean_correlation"] >= CAM_GATES["int8"]["mean_correlation"][1])
+    # 8-bit activations move the maps, but far less than an unrelated model would.
+    assert 0.9 < cam["mean_correlation"] < 1.0
+    assert report["artifacts"]["fp32"]["cam"]["mean_correlation"] > 0.99999

@@ -73,3 +73,22 @@ def test_torchrun_two_cpu_processes(tmp_path):
     summary = json.loads((tmp_path / "runs" / "resnet18" / "train.json").read_text())
     assert summary["world_size"] == 2
     assert summary["epochs"] == 1 and Path(summary["best"]).exists()
+
+
+def test_spec_keeps_the_architectures_interpolation_and_normalisation(tmp_path):
+    """--image-size/--norm change only what they name: xception_pretrained stays bicubic (its weights'
+    resize), and the normalisation is the registry's, not a guess from mean values."""
+    from data.spec import HALF, IMAGENET_MEAN
+    from train.loop import _resolve_spec
+
+    folder = str(tmp_path)
+    spec = _resolve_spec(tiny_config(tmp_path, arch="xception_pretrained", data=folder, image_size=160))
+    assert (spec.crop, spec.resize, spec.interpolation, spec.mean) == (160, 183, "bicubic", HALF)
+    spec = _resolve_spec(tiny_config(tmp_path, arch="xception_pretrained", data=folder, norm="imagenet"))
+    assert (spec.crop, spec.interpolation, spec.mean) == (299, "bicubic", IMAGENET_MEAN)
+    # On the embedded set only the crop side is the set's: the same normalisation as with --image-size.
+    embedded = _resolve_spec(tiny_config(tmp_path, arch="xception_pretrained"))
+    assert (embedded.crop, embedded.interpolation, embedded.mean) == (64, "bicubic", HALF)
+    assert _resolve_spec(tiny_config(tmp_path, arch="xception_pretrained", image_size=64)) == embedded
+    resnet = _resolve_spec(tiny_config(tmp_path))
+    assert (resnet.crop, resnet.resize, resnet.interpolation, resnet.mean) == (64, 73, "bilinear", IMAGENET_MEAN)

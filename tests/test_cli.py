@@ -1,0 +1,50 @@
+"""The command line: user errors are one line and exit 2, a bug keeps its traceback; --data means one thing."""
+import sys
+
+import click
+import pytest
+
+import cli
+
+
+def _run(monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", ["cnnbench", *argv])
+    cli.main()
+
+
+def test_a_user_error_is_one_line_and_exit_code_2(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        _run(monkeypatch, "data", "synth", "--out", str(tmp_path / "set"), "--classes", "0")
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: classes must be between 1 and") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("bug", [ValueError("an internal invariant broke"), OSError("a disk went away")])
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, bug):
+    """ValueError and OSError raised by the program itself are not the user's mistake: they propagate."""
+    import data.check
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(data.check, "check_folder", broken)
+    with pytest.raises(type(bug), match=str(bug)):
+        _run(monkeypatch, "data", "check", str(tmp_path))
+
+
+def _commands(group: click.Group, prefix=""):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", command
+
+
+def test_every_held_out_data_option_says_the_same():
+    """eval, export, validate, bench and gradcam pick held-out images with one function: one help text."""
+    helps = {name: next(p.help for p in command.params if p.name == "data")
+             for name, command in _commands(cli.cli) if name != "train" and any(p.name == "data" for p in command.params)}
+    assert set(helps) == {"eval", "export", "validate", "bench", "gradcam"}
+    assert len(set(helps.values())) == 1, helps
+    assert "seed-0 split" in helps["eval"] and "test part" in helps["eval"]
