@@ -18,10 +18,15 @@ import sys
 
 import click
 
+from common.errors import UserError
+
 # Decoding workers and the model share few cores: OpenMP threads that spin while waiting for a
 # descheduled sibling made PyTorch up to 45x slower here (1.4 s vs 31 ms for one batch). Passive
 # waiting must be chosen before torch loads OpenMP; the user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from data.crops import CROP_MODES  # noqa: E402 - loads torch, so only after the OpenMP setting
+from data.heldout import DATA_HELP  # noqa: E402
 
 
 def emit(result: dict, as_json: bool, render) -> None:
@@ -126,13 +131,15 @@ model_source = click.option("--backend", default="auto", show_default=True,
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 precision_option = click.option("--precision", default="fp32", show_default=True,
                                 help="torch: fp32, bf16, fp16; exports: the graph to run (fp32, fp16, int8).")
-crops_option = click.option("--crops", type=click.Choice(["10", "1"]), default="10", show_default=True,
-                            help="Ten crops (logits averaged) or the centre crop.")
+crops_option = click.option("--crops", type=click.Choice(list(CROP_MODES)), default="10", show_default=True,
+                            callback=lambda ctx, param, value: int(value) if value.isdigit() else value,
+                            help="; ".join(f"{m.name}: {m.description}" for m in CROP_MODES.values()) + ".")
+held_out_data_option = click.option("--data", type=click.Path(exists=True, file_okay=False), help=DATA_HELP)
 
 
 @cli.command("eval")
 @click.argument("model", type=click.Path(exists=True))
-@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Data root (default: the run's saved split).")
+@held_out_data_option
 @model_source
 @device_option
 @precision_option
@@ -145,7 +152,7 @@ def evaluate(model, data, backend, device, precision, crops, batch, workers, as_
     import runtime
     from runtime.render import render_evaluation
 
-    emit(runtime.evaluate(model, data=data, backend=backend, device=device, precision=precision, crops=int(crops),
+    emit(runtime.evaluate(model, data=data, backend=backend, device=device, precision=precision, crops=crops,
                           batch=batch, workers=workers, progress=not as_json), as_json, render_evaluation)
 
 
@@ -166,7 +173,7 @@ def predict(paths, model, backend, device, precision, crops, batch, topk, csv_pa
     from runtime.render import render_predictions
 
     emit(runtime.predict_files(model, list(paths), backend=backend, device=device, precision=precision, batch=batch,
-                               crops=int(crops), topk=topk, csv=csv_path, progress=not as_json), as_json, render_predictions)
+                               crops=crops, topk=topk, csv=csv_path, progress=not as_json), as_json, render_predictions)
 
 
 @cli.command()
@@ -176,7 +183,7 @@ def predict(paths, model, backend, device, precision, crops, batch, topk, csv_pa
 @crops_option
 @click.option("--errors", "errors_of", type=click.Path(exists=True, dir_okay=False),
               help="Instead of IMAGES: galleries of misclassified and correct test images of this checkpoint.")
-@click.option("--data", type=click.Path(exists=True, file_okay=False), help="--errors: data root (default: the run's split).")
+@held_out_data_option
 @click.option("--limit", default=16, show_default=True, help="--errors: images per gallery.")
 @click.option("--images", "max_images", type=int, help="--errors: scan at most this many test images (default: all).")
 @click.option("--out", type=click.Path(file_okay=False), help="Output folder (default runs/gradcam).")
@@ -187,11 +194,11 @@ def gradcam(images, model, class_name, crops, errors_of, data, limit, max_images
     from gradcam.render import render_errors, render_gradcam
 
     if errors_of:
-        emit(errors_gallery(errors_of, data=data, limit=limit, crops=int(crops), out=out, images=max_images,
+        emit(errors_gallery(errors_of, data=data, limit=limit, crops=crops, out=out, images=max_images,
                             progress=not as_json),
              as_json, render_errors)
     elif images:
-        emit(gradcam_images(list(images), model=model, class_name=class_name, crops=int(crops),
+        emit(gradcam_images(list(images), model=model, class_name=class_name, crops=crops,
                             out=out or "runs/gradcam", progress=not as_json), as_json, render_gradcam)
     else:
         raise click.UsageError("give IMAGES, or --errors CHECKPOINT")
@@ -199,7 +206,7 @@ def gradcam(images, model, class_name, crops, errors_of, data, limit, max_images
 
 @cli.command()
 @click.argument("export_dir", type=click.Path(exists=True))
-@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Data root (default: the source run's split).")
+@held_out_data_option
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default EXPORT/validation).")
 @click.option("--limit", type=int, help="At most this many test images in the Grad-CAM comparison "
               "(the parity gates still use at least 200).")
@@ -222,7 +229,7 @@ def validate(export_dir, data, out, limit, as_json):
 @click.option("--tensorrt", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="Build TensorRT engines: auto = when TensorRT and a GPU exist.")
 @click.option("--max-batch", default=64, show_default=True, help="Largest batch of images the exports are built for.")
-@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Held-out images for parity (default: the run's split).")
+@held_out_data_option
 @click.option("--parity-images", default=200, show_default=True,
               help="Held-out images each graph is checked on (at most; spread over the classes).")
 @click.option("--out", default="runs/export", show_default=True, type=click.Path(file_okay=False))
@@ -256,7 +263,7 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
 @click.option("--iters", type=int, help="Fixed number of timed iterations per row instead of --seconds.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed iterations first.")
 @click.option("--compile", "use_compile", is_flag=True, help="Also torch.compile rows (and CUDA graphs on a GPU).")
-@click.option("--data", type=click.Path(exists=True, file_okay=False), help="Data root for accuracy (default: each run's split).")
+@held_out_data_option
 @click.option("--out", type=click.Path(dir_okay=False), help="JSON path (default runs/bench/bench-<time>.json; CSV and PNG beside it).")
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), help="An earlier bench JSON: print the ratio per row.")
 @click.option("--eval-images", default=1000, show_default=True, help="Test images for accuracy/agreement (0: all).")
@@ -300,21 +307,9 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except Exception as exc:
-        if not _is_user_error(exc):
-            raise  # a bug: keep the traceback
+    except UserError as exc:  # anything else is a bug and keeps its traceback
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-
-
-def _is_user_error(exc: Exception) -> bool:
-    from bench.harness import BatchTooLargeError
-    from data.images import ImageError
-    from export.errors import ExportError
-    from models.checkpoint import CheckpointError
-    from runtime.predictor import BackendError
-
-    return isinstance(exc, (OSError, ValueError, ImageError, CheckpointError, ExportError, BackendError, BatchTooLargeError))
 
 
 if __name__ == "__main__":

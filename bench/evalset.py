@@ -5,19 +5,18 @@ compute-mode rows time the model only and every backend sees exactly the same pi
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from data.folder import scan_folder
+from common.errors import InputError
+from data.heldout import HeldOut, SplitFileMissing, SplitNotRecorded, held_out
 from data.images import ImageError, load_rgb
 from data.spec import PreprocessSpec
-from data.split import load_split, make_split, spread_evenly
 from data.transforms import resize_uint8
-from models.checkpoint import CheckpointError, read_checkpoint_meta
+from models.checkpoint import recorded_split_files
 
 SYNTHETIC_IMAGES = 64  # timing-only stand-in when a model has no test split and no --data
 
@@ -89,54 +88,28 @@ class EvalSet:
             if self._labels is not None:
                 labels.append(self._labels[i])
         if not decoded:
-            raise ValueError(f"none of the {len(self._paths)} test images of {self.description} could be read "
+            raise InputError(f"none of the {len(self._paths)} test images of {self.description} could be read "
                              f"(first: {self.skipped[0][0]}: {self.skipped[0][1]})")
         self._decoded, self._paths = decoded, paths
         if self._labels is not None:
             self._labels = labels
 
 
-def split_source(model, data) -> tuple[Optional[str], str]:
-    """(key, description) of where a model's test images come from: --data, else its checkpoint's split."""
-    if data is not None:
-        data = os.path.abspath(os.fspath(data))
-        return data, data
-    candidates = []
-    for checkpoint in model.sources:
-        try:
-            candidates.append(read_checkpoint_meta(checkpoint).get("record", {}).get("split"))
-        except CheckpointError:
-            continue
-    # An export whose checkpoint is gone still names the test split its parity check read.
-    parity_images = (model.manifest or {}).get("parity", {}).get("images", {})
-    if parity_images.get("source") == "test split":
-        candidates.append(parity_images.get("path"))
-    for split in filter(None, candidates):
-        if os.path.isfile(split):
-            return os.path.abspath(split), split
-    missing = [c for c in candidates if c]
-    if missing:
-        return None, f"split {missing[0]} is missing and no --data given"
-    return None, "no test split recorded with the model and no --data given"
+def find_held_out(model, data) -> tuple[Optional[HeldOut], str]:
+    """A bench target's held-out split (data.heldout.held_out over what its run recorded), or None and
+    why when there is none (the rows then time random pixels)."""
+    try:
+        return held_out(data, recorded_split_files(checkpoints=model.sources, manifest=model.manifest),
+                        owner=model.name), ""
+    except (SplitNotRecorded, SplitFileMissing) as exc:
+        return None, str(exc)
 
 
-def load_evalset(key: Optional[str], description: str, limit: Optional[int]) -> EvalSet:
-    """The test images of a split.json, or of the seed-0 split of a data folder; at most ``limit``.
-
-    The cap takes an evenly spaced subset of the split's (class-ordered) test list, so every class
-    stays represented.
-    """
-    if key is None:
-        return EvalSet.synthetic(description)
-    if os.path.isdir(key):
-        split = make_split(scan_folder(key), seed=0)
-        description = f"seed-0 test split of {key}"
-    else:
-        split = load_split(key)
-        description = f"test split {key}"
-    samples = split.test
-    if not samples:
-        raise ValueError(f"{description} is empty")
-    total = len(samples)
-    samples = spread_evenly(samples, limit)
-    return EvalSet(description, [s.path for s in samples], [s.label for s in samples], list(split.classes), total)
+def load_evalset(held: Optional[HeldOut], why_none: str, limit: Optional[int]) -> EvalSet:
+    """The test images of a held-out split, at most ``limit`` spread evenly over the classes; random
+    pixels (timing only) without a split."""
+    if held is None:
+        return EvalSet.synthetic(why_none)
+    samples = held.samples("test", limit)
+    return EvalSet(held.describe(), [s.path for s in samples], [s.label for s in samples], list(held.split.classes),
+                   len(held.split.test))

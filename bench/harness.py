@@ -14,6 +14,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from common.errors import InputError, UserError
+
+
 DEFAULT_SECONDS = 5.0
 MIN_ITERS = 3                 # enough for a spread when the budget is given in seconds
 CV_WARN = 0.05                # a coefficient of variation above 5 % makes the row suspect
@@ -23,7 +26,7 @@ _OOM_MARKERS = ("out of memory", "failed to allocate memory", "cannot allocate m
                 "cudaerrormemoryallocation", "cuda_error_out_of_memory")
 
 
-class BatchTooLargeError(RuntimeError):
+class BatchTooLargeError(UserError, RuntimeError):
     """The requested batch does not fit in memory; ``fits`` is the largest halved batch that did (or None)."""
 
     def __init__(self, batch: int, fits: Optional[int], device: str, cause: BaseException):
@@ -105,7 +108,7 @@ def measure(
     pipelined iterator: then an iteration is the time between two batches leaving the pipeline.
     """
     if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+        raise InputError(f"warmup must be >= 0, got {warmup}")
     budget = Budget(iters, seconds, min_iters)
     sync = synchronizer(device)
     for _ in range(warmup):
@@ -128,11 +131,11 @@ class Budget:
 
     def __init__(self, iters: Optional[int] = None, seconds: Optional[float] = None, min_iters: int = MIN_ITERS):
         if iters is not None and seconds is not None:
-            raise ValueError("give either iters or seconds, not both")
+            raise InputError("give either iters or seconds, not both")
         if iters is not None and iters < 1:
-            raise ValueError(f"iters must be >= 1, got {iters}")
+            raise InputError(f"iters must be >= 1, got {iters}")
         if seconds is not None and seconds <= 0:
-            raise ValueError(f"seconds must be > 0, got {seconds}")
+            raise InputError(f"seconds must be > 0, got {seconds}")
         self.iters = iters
         self.seconds = DEFAULT_SECONDS if iters is None and seconds is None else seconds
         self.min_iters = min_iters

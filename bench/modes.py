@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from bench.harness import Budget, Measurement, measure_batch, synchronizer
-from data.geometry import ten_crop
+from data.crops import TEN
 from data.images import ImageError, load_rgb
-from data.transforms import normalize, resize_uint8
+from data.transforms import resize_uint8
 from runtime import Predictor, run_files
 
 MAX_PIPELINE_BATCHES = 5000  # cap on the file list fed to the pipeline in --seconds mode
@@ -36,7 +36,7 @@ def compute_step_factory(predictor: Predictor, images: Tensor) -> Callable[[int]
         x = cycled(images, batch).to(predictor.device)
         if predictor.ten_crop_in_graph:
             return lambda: predictor.device_logits_from_images(x)
-        crops = ten_crop(normalize(x, spec), spec.crop).flatten(0, 1).contiguous()
+        crops = TEN.cut(x, spec).flatten(0, 1)
         return lambda: predictor.logits_from_crops(crops)
 
     return make_step

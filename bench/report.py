@@ -7,6 +7,7 @@ import math
 import os
 
 from common import atomic_write, atomic_write_json, read_json
+from common.errors import InputError, MissingFileError
 
 SCHEMA_VERSION = 1
 
@@ -207,15 +208,15 @@ def default_out_path(out_dir: str = "runs/bench", stamp: str | None = None) -> s
 def load_report(path: str) -> dict:
     """An earlier bench JSON; a clear error for a missing file, a non-bench file or a newer schema."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such bench report to compare with")
+        raise MissingFileError(f"{path}: no such bench report to compare with")
     try:
         report = read_json(path)
     except ValueError as exc:
-        raise ValueError(f"{path}: not a bench report (JSON error: {exc})") from None
+        raise InputError(f"{path}: not a bench report (JSON error: {exc})") from None
     if not isinstance(report, dict) or "schema_version" not in report or "rows" not in report:
-        raise ValueError(f"{path}: not a bench report (no schema_version/rows)")
+        raise InputError(f"{path}: not a bench report (no schema_version/rows)")
     if report["schema_version"] > SCHEMA_VERSION:
-        raise ValueError(f"{path}: bench schema {report['schema_version']} is newer than this program reads "
+        raise InputError(f"{path}: bench schema {report['schema_version']} is newer than this program reads "
                          f"({SCHEMA_VERSION})")
     return report
 

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 import runtime
+from common.errors import InputError
 from bench import report
-from bench.evalset import EvalSet, load_evalset, split_source
+from bench.evalset import EvalSet, find_held_out, load_evalset
 from bench.harness import CV_WARN, DEFAULT_SECONDS, release_memory
 from bench.machine import PeakMemory, load_average, machine_info
 from bench.modes import (cycled, eval_logits, host_preprocess_cost, measure_compute, measure_end_to_end)
@@ -20,7 +21,7 @@ from bench.targets import Model, RowPlan, find_models, plan_rows
 from common import accuracy_report
 from models.checkpoint import load_checkpoint
 from models.complexity import model_flops
-from runtime.predictor import resolve_device
+from common.device import ieee_fp32, resolve_device
 
 MODES = ("compute", "end-to-end", "both")
 CROPS = 10
@@ -52,7 +53,7 @@ def run_bench(models: Optional[list[str]] = None, *, batch: int = 64, backends: 
     found = find_models(models, os.fspath(train_dir), os.fspath(export_dir))
     plans, skipped = plan_rows(found, resolved, backends=backends, precisions=precisions, compile=compile)
     if not plans:
-        raise ValueError("no row to measure with these filters on " + resolved
+        raise InputError("no row to measure with these filters on " + resolved
                          + (": " + "; ".join(skipped) if skipped else ""))
     modes = ["compute", "end-to-end"] if mode == "both" else [mode]
     load_at_start = load_average()
@@ -90,19 +91,19 @@ def run_bench(models: Optional[list[str]] = None, *, batch: int = 64, backends: 
 
 def _check_arguments(batch, mode, seconds, iters, warmup, eval_images) -> None:
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive number of images, got {batch!r}")
+        raise InputError(f"batch must be a positive number of images, got {batch!r}")
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if seconds is not None and iters is not None:
-        raise ValueError("give --seconds or --iters, not both")
+        raise InputError("give --seconds or --iters, not both")
     if iters is not None and iters < 1:
-        raise ValueError(f"iters must be at least 1, got {iters}")
+        raise InputError(f"iters must be at least 1, got {iters}")
     if seconds is not None and seconds <= 0:
-        raise ValueError(f"seconds must be positive, got {seconds}")
+        raise InputError(f"seconds must be positive, got {seconds}")
     if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
+        raise InputError(f"warmup must be >= 0, got {warmup}")
     if eval_images is not None and eval_images < 1:
-        raise ValueError(f"eval_images must be positive (or None for the whole test split), got {eval_images}")
+        raise InputError(f"eval_images must be positive (or None for the whole test split), got {eval_images}")
 
 
 class _Session:
@@ -172,7 +173,7 @@ class _Session:
 
     def _end_to_end_row(self, plan: RowPlan, predictor, evalset: EvalSet) -> dict:
         if not evalset.has_files:
-            raise ValueError(f"end-to-end mode reads image files, and there are none: {evalset.description}; "
+            raise InputError(f"end-to-end mode reads image files, and there are none: {evalset.description}; "
                              "pass --data FOLDER")
         paths = evalset.paths
         estimate = self._compute_p50_s.get(plan) or self._probe_batch_seconds(predictor, evalset)
@@ -268,10 +269,11 @@ class _Session:
     # --- shared, cached measurements -------------------------------------------------------------
     def eval_set(self, model: Model) -> EvalSet:
         if model.path not in self._eval_keys:
-            key, description = split_source(model, self.data)
+            held, why_none = find_held_out(model, self.data)
+            key = held.path if held is not None else None
             self._eval_keys[model.path] = key
             if key not in self._eval_sets:
-                self._eval_sets[key] = load_evalset(key, description, self.eval_limit)
+                self._eval_sets[key] = load_evalset(held, why_none, self.eval_limit)
         return self._eval_sets[self._eval_keys[model.path]]
 
     def reference(self, model: Model, evalset: EvalSet) -> tuple[Optional[np.ndarray], str]:
@@ -324,7 +326,7 @@ class _Session:
     def peak(self, precision: str) -> dict:
         if precision not in self.peaks:
             self.log(f"measuring the {precision} matmul peak on {self.device}")
-            with _ieee_fp32(self.device):
+            with ieee_fp32():
                 self.peaks[precision] = peak_flops(precision, torch.device(self.device))
         return self.peaks[precision]
 
@@ -364,17 +366,6 @@ def _ort_runs_on(device: str) -> bool:
     from bench.targets import backend_problem
 
     return backend_problem("onnxruntime", device) is None
-
-
-def _ieee_fp32(device: str):
-    """The fp32 peak is measured like the fp32 reference runs: TF32 off on CUDA."""
-    import contextlib
-
-    if device.startswith("cuda"):
-        from runtime.torch_backend import ieee_fp32_on_cuda
-
-        return ieee_fp32_on_cuda()
-    return contextlib.nullcontext()
 
 
 def _add_speedups(rows: list[dict]) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from common import sha256_file
+from common.errors import InputError, MissingFileError
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -65,7 +66,7 @@ def find_models(names: Optional[list[str]], train_dir: str, export_dir: str) -> 
         exports = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(export_dir, "*", "manifest.json")))
         models = [checkpoint_model(p) for p in checkpoints] + [export_model(p) for p in exports]
         if not models:
-            raise FileNotFoundError(f"nothing to benchmark: no {os.path.join(train_dir, '*', 'best.pt')} and no "
+            raise MissingFileError(f"nothing to benchmark: no {os.path.join(train_dir, '*', 'best.pt')} and no "
                                     f"{os.path.join(export_dir, '*', 'manifest.json')}; train and export first, "
                                     "or name a checkpoint or export folder")
         return models
@@ -88,7 +89,7 @@ def _resolve_name(name: str, train_dir: str, export_dir: str) -> list[Model]:
             return [export_model(name)]
         if os.path.isfile(os.path.join(name, "best.pt")):
             return [checkpoint_model(os.path.join(name, "best.pt"))]
-        raise FileNotFoundError(f"{name}: neither an export folder (no manifest.json) nor a training run (no best.pt)")
+        raise MissingFileError(f"{name}: neither an export folder (no manifest.json) nor a training run (no best.pt)")
     found = []
     checkpoint = os.path.join(train_dir, name, "best.pt")
     if os.path.isfile(checkpoint):
@@ -99,7 +100,7 @@ def _resolve_name(name: str, train_dir: str, export_dir: str) -> list[Model]:
         known = sorted({os.path.basename(os.path.dirname(p)) for p in
                         glob.glob(os.path.join(train_dir, "*", "best.pt"))
                         + glob.glob(os.path.join(export_dir, "*", "manifest.json"))})
-        raise FileNotFoundError(f"{name}: no such checkpoint, run or export (looked in {train_dir} and {export_dir}; "
+        raise MissingFileError(f"{name}: no such checkpoint, run or export (looked in {train_dir} and {export_dir}; "
                                 f"known: {', '.join(known) or 'none'})")
     return found
 
@@ -164,7 +165,7 @@ def _check_choices(what: str, chosen, allowed: tuple) -> tuple:
         return allowed
     unknown = [c for c in chosen if c not in allowed]
     if unknown:
-        raise ValueError(f"unknown {what}(s) {', '.join(map(str, unknown))}; choose from {', '.join(allowed)}")
+        raise InputError(f"unknown {what}(s) {', '.join(map(str, unknown))}; choose from {', '.join(allowed)}")
     return tuple(chosen)
 
 

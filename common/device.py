@@ -1,20 +1,64 @@
-"""Device selection and what this CPU/GPU can do fast."""
+"""Device and precision, decided once: which device "auto" means, IEEE fp32 (no TF32) for reference
+math, the default number of decoding workers, and what this CPU/GPU can do fast."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
 
+from common.errors import InputError, UserError
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda when a GPU is visible, else cpu; 'cuda' without a GPU is a clear error."""
+MAX_DEFAULT_WORKERS = 4
+
+
+class DeviceError(UserError, RuntimeError):
+    """A device that was asked for but is not there (e.g. cuda without a GPU)."""
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda"/"cuda:N" without a GPU is a DeviceError."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but no CUDA GPU is visible to PyTorch")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device(device)
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} requested but torch sees no CUDA GPU "
+                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
+        return device
+    raise InputError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
+
+
+def default_workers() -> int:
+    """Decoding worker processes when none are asked for: one per core, at most MAX_DEFAULT_WORKERS."""
+    return min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def ieee_fp32():
+    """IEEE fp32 for cuBLAS matmuls and cuDNN convolutions (TF32 off), the previous settings restored.
+
+    torch >= 2.9 has per-backend ``fp32_precision`` settings and refuses to read the legacy
+    ``allow_tf32`` flags once the new ones were set, so the new API is used where it exists. The
+    flags only affect CUDA kernels; on the CPU the context changes nothing that runs.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    if hasattr(matmul, "fp32_precision") and hasattr(getattr(cudnn, "conv", None), "fp32_precision"):
+        saved = (matmul.fp32_precision, cudnn.conv.fp32_precision)
+        matmul.fp32_precision, cudnn.conv.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, cudnn.conv.fp32_precision = saved
+    else:
+        saved = (matmul.allow_tf32, cudnn.allow_tf32)
+        matmul.allow_tf32, cudnn.allow_tf32 = False, False
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, cudnn.allow_tf32 = saved
 
 
 @functools.lru_cache(maxsize=None)

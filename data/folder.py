@@ -9,6 +9,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from common.errors import InputError, MissingFileError
+
 CALTECH_SUBDIR = "256_ObjectCategories"
 CLUTTER_CLASS = "257.clutter"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -52,7 +54,7 @@ def scan_folder(root) -> FolderIndex:
     """
     root = os.path.abspath(os.fspath(root))
     if not os.path.exists(root):
-        raise FileNotFoundError(f"data folder not found: {root}")
+        raise MissingFileError(f"data folder not found: {root}")
     if not os.path.isdir(root):
         raise NotADirectoryError(f"data path is not a folder: {root}")
     if os.path.isdir(os.path.join(root, CALTECH_SUBDIR)):
@@ -87,7 +89,7 @@ def scan_folder(root) -> FolderIndex:
         samples.extend(Sample(path, label) for path in images)
 
     if not classes:
-        raise ValueError(
+        raise InputError(
             f"{root}: no class folders with images found (expected Caltech-256 NNN.name folders "
             "or one sub-folder of images per class)"
         )

@@ -65,16 +65,22 @@ def center_crop_box(resize: int, crop: int) -> CropBox:
     return CropBox(offset, offset, crop, False)
 
 
-def ten_crop(x: Tensor, crop: int) -> Tensor:
-    """[B, C, H, W] (any dtype) -> [B, 10, C, crop, crop], equal to TenCrop on each image.
+def cut_boxes(x: Tensor, boxes: list[CropBox]) -> Tensor:
+    """[B, C, H, W] (any dtype) -> [B, len(boxes), C, s, s]: each box sliced, mirrored when ``flipped``.
 
     Only slicing and a last-dimension flip, so it traces into ONNX with a dynamic batch.
     """
     if x.dim() != 4:
-        raise ValueError(f"ten_crop expects a [B, C, H, W] tensor, got shape {tuple(x.shape)}")
-    height, width = int(x.shape[-2]), int(x.shape[-1])
+        raise ValueError(f"expected a [B, C, H, W] tensor, got shape {tuple(x.shape)}")
     crops = []
-    for box in _ten_crop_boxes_hw(height, width, crop):
-        patch = x[:, :, box.top:box.top + crop, box.left:box.left + crop]
+    for box in boxes:
+        patch = x[:, :, box.top:box.top + box.size, box.left:box.left + box.size]
         crops.append(torch.flip(patch, dims=[-1]) if box.flipped else patch)
     return torch.stack(crops, dim=1)
+
+
+def ten_crop(x: Tensor, crop: int) -> Tensor:
+    """[B, C, H, W] (any dtype) -> [B, 10, C, crop, crop], equal to TenCrop on each image."""
+    if x.dim() != 4:
+        raise ValueError(f"ten_crop expects a [B, C, H, W] tensor, got shape {tuple(x.shape)}")
+    return cut_boxes(x, _ten_crop_boxes_hw(int(x.shape[-2]), int(x.shape[-1]), crop))

@@ -7,13 +7,16 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from common.errors import UserError
+
+
 MAX_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused, never decoded
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-class ImageError(Exception):
+class ImageError(UserError):
     """An image that cannot be used; str() is "<path>: <reason>"."""
 
     def __init__(self, path, reason: str):

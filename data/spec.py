@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from common.errors import InputError
+
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
@@ -36,16 +39,16 @@ class PreprocessSpec:
         for key in ("resize", "crop"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"PreprocessSpec.{key} must be a positive integer, got {value!r}")
+                raise InputError(f"PreprocessSpec.{key} must be a positive integer, got {value!r}")
         if self.crop > self.resize:
-            raise ValueError(f"PreprocessSpec.crop ({self.crop}) is larger than resize ({self.resize})")
+            raise InputError(f"PreprocessSpec.crop ({self.crop}) is larger than resize ({self.resize})")
         # Frozen dataclass: normalise lists (e.g. from JSON) into tuples of floats in place.
         object.__setattr__(self, "mean", _triple("mean", self.mean))
         object.__setattr__(self, "std", _triple("std", self.std))
         if any(s <= 0 for s in self.std):
-            raise ValueError(f"PreprocessSpec.std must be positive, got {self.std}")
+            raise InputError(f"PreprocessSpec.std must be positive, got {self.std}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(
+            raise InputError(
                 f"PreprocessSpec.interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}"
             )
 
@@ -62,13 +65,13 @@ class PreprocessSpec:
     def from_dict(cls, d: dict) -> "PreprocessSpec":
         """Build a spec from `to_dict` output; a ValueError names the missing, unknown or bad key."""
         if not isinstance(d, dict):
-            raise ValueError(f"preprocessing spec must be a dict, got {type(d).__name__}")
+            raise InputError(f"preprocessing spec must be a dict, got {type(d).__name__}")
         missing = [k for k in _KEYS if k not in d and k != "interpolation"]
         if missing:
-            raise ValueError(f"preprocessing spec is missing key(s): {', '.join(missing)}")
+            raise InputError(f"preprocessing spec is missing key(s): {', '.join(missing)}")
         unknown = sorted(set(d) - set(_KEYS))
         if unknown:
-            raise ValueError(f"preprocessing spec has unknown key(s): {', '.join(unknown)}")
+            raise InputError(f"preprocessing spec has unknown key(s): {', '.join(unknown)}")
         return cls(**d)
 
 
@@ -76,15 +79,15 @@ def _triple(name: str, value) -> tuple[float, float, float]:
     try:
         values = tuple(float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"PreprocessSpec.{name} must be three numbers, got {value!r}") from None
+        raise InputError(f"PreprocessSpec.{name} must be three numbers, got {value!r}") from None
     if len(values) != 3:
-        raise ValueError(f"PreprocessSpec.{name} must have 3 values (one per RGB channel), got {len(values)}")
+        raise InputError(f"PreprocessSpec.{name} must have 3 values (one per RGB channel), got {len(values)}")
     return values
 
 
 def spec_for_crop(crop: int, norm: str = "imagenet") -> PreprocessSpec:
     """The standard spec for a crop size: resize keeps ImageNet's 224/256 ratio (256 for 224)."""
     if norm not in _NORMS:
-        raise ValueError(f"unknown normalisation {norm!r}; expected one of {sorted(_NORMS)}")
+        raise InputError(f"unknown normalisation {norm!r}; expected one of {sorted(_NORMS)}")
     mean, std = _NORMS[norm]
     return PreprocessSpec(resize=round(crop * 256 / 224), crop=crop, mean=mean, std=std)

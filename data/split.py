@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common import atomic_write_json, read_json
+from common.errors import InputError, MissingFileError
 from data.folder import FolderIndex, Sample
 
 SPLIT_FORMAT = "cnnbench-split"
@@ -30,7 +31,7 @@ def spread_evenly(items: list, count: int | None) -> list:
     """At most ``count`` items picked evenly over the list (None: all). A split's lists are sorted by
     class, so a subset picked this way still covers every class."""
     if count is not None and count < 1:
-        raise ValueError(f"count must be at least 1, got {count}")
+        raise InputError(f"count must be at least 1, got {count}")
     if count is None or len(items) <= count:
         return list(items)
     picks = np.unique(np.linspace(0, len(items) - 1, count).round().astype(int))
@@ -44,7 +45,7 @@ def make_split(index: FolderIndex, test_fraction: float = 0.2, seed: int = 0) ->
     removing a class leaves the other classes' splits unchanged.
     """
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+        raise InputError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
     by_label: dict[int, list[Sample]] = defaultdict(list)
     for sample in index.samples:
         by_label[sample.label].append(sample)
@@ -93,16 +94,16 @@ def load_split(path, root=None) -> Split:
     try:
         raw = read_json(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"split file not found: {path}") from None
+        raise MissingFileError(f"split file not found: {path}") from None
     except ValueError as e:
-        raise ValueError(f"{path}: not a valid JSON split file ({e})") from None
+        raise InputError(f"{path}: not a valid JSON split file ({e})") from None
     if not isinstance(raw, dict) or raw.get("format") != SPLIT_FORMAT:
-        raise ValueError(f"{path}: not a split file (missing format '{SPLIT_FORMAT}')")
+        raise InputError(f"{path}: not a split file (missing format '{SPLIT_FORMAT}')")
     missing = [k for k in _KEYS if k not in raw]
     if missing:
-        raise ValueError(f"{path}: split file is missing key(s): {', '.join(missing)}")
+        raise InputError(f"{path}: split file is missing key(s): {', '.join(missing)}")
     if raw["version"] != SPLIT_VERSION:
-        raise ValueError(f"{path}: split format version {raw['version']} is not supported (expected {SPLIT_VERSION})")
+        raise InputError(f"{path}: split format version {raw['version']} is not supported (expected {SPLIT_VERSION})")
     data_root = os.path.abspath(os.fspath(root)) if root is not None else raw["root"]
     classes = list(raw["classes"])
     return Split(
@@ -121,8 +122,8 @@ def _samples(path: str, root: str, entries: list, num_classes: int) -> list[Samp
         try:
             relative, label = entry
         except (TypeError, ValueError):
-            raise ValueError(f"{path}: bad split entry {entry!r} (expected [relative path, label])") from None
+            raise InputError(f"{path}: bad split entry {entry!r} (expected [relative path, label])") from None
         if not isinstance(label, int) or not 0 <= label < num_classes:
-            raise ValueError(f"{path}: label {label!r} of {relative} is not a class index (0..{num_classes - 1})")
+            raise InputError(f"{path}: label {label!r} of {relative} is not a class index (0..{num_classes - 1})")
         samples.append(Sample(os.path.join(root, *relative.split("/")), label))
     return samples

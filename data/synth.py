@@ -18,8 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from common.errors import ExistingFileError, InputError
 from data.folder import MASK_SUFFIX
-from data.spec import PreprocessSpec, spec_for_crop
 
 SYNTH_VERSION = 1  # bump when the generator changes, so cached sets are regenerated
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring",
@@ -57,9 +57,10 @@ def mask_path(image_path) -> str:
     return os.path.splitext(os.fspath(image_path))[0] + MASK_SUFFIX
 
 
-def default_spec(quick: bool = False) -> PreprocessSpec:
-    """The preprocessing the embedded set is trained at: 112 crops of 128 (quick: 64 of 73)."""
-    return spec_for_crop(64 if quick else 112)
+def embedded_crop(quick: bool = False) -> int:
+    """The crop side the embedded set is trained at: 112 (of 128 resizes; quick: 64 of 73). The rest of
+    the preprocessing is the architecture's (models.default_spec)."""
+    return 64 if quick else 112
 
 
 def cache_dir() -> str:
@@ -95,7 +96,7 @@ def synthesize(out, classes: int = 16, per_class: int = 100, size: int = 160, se
     _check_params(classes, per_class, size)
     out = os.path.abspath(os.fspath(out))
     if os.path.exists(out) and not (os.path.isdir(out) and not os.listdir(out)):
-        raise FileExistsError(f"{out} already exists and is not an empty folder")
+        raise ExistingFileError(f"{out} already exists and is not an empty folder")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=parent)
@@ -111,11 +112,11 @@ def synthesize(out, classes: int = 16, per_class: int = 100, size: int = 160, se
 
 def _check_params(classes: int, per_class: int, size: int) -> None:
     if not 1 <= classes <= MAX_CLASSES:
-        raise ValueError(f"classes must be between 1 and {MAX_CLASSES}, got {classes}")
+        raise InputError(f"classes must be between 1 and {MAX_CLASSES}, got {classes}")
     if not 1 <= per_class <= 9999:
-        raise ValueError(f"per_class must be between 1 and 9999, got {per_class}")
+        raise InputError(f"per_class must be between 1 and 9999, got {per_class}")
     if size < MIN_SIZE:
-        raise ValueError(f"size must be at least {MIN_SIZE} pixels, got {size}")
+        raise InputError(f"size must be at least {MIN_SIZE} pixels, got {size}")
 
 
 def _publish(staging: str, out: str) -> None:
@@ -123,12 +124,12 @@ def _publish(staging: str, out: str) -> None:
         try:
             os.rmdir(out)  # an empty target folder is replaced
         except OSError:
-            raise FileExistsError(f"{out} was filled by another process during generation") from None
+            raise ExistingFileError(f"{out} was filled by another process during generation") from None
     try:
         os.rename(staging, out)
     except OSError:
         if os.path.exists(out):
-            raise FileExistsError(f"{out} was created by another process during generation") from None
+            raise ExistingFileError(f"{out} was created by another process during generation") from None
         raise
 
 

@@ -1,4 +1,4 @@
-"""Train and test transforms. Test time = square resize to uint8, then the shared crop geometry."""
+"""Train transform, the test-time resize and normalisation (the test-time crops: data.crops)."""
 from __future__ import annotations
 
 import torch
@@ -7,7 +7,6 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
-from data.geometry import center_crop_box, ten_crop
 from data.spec import PreprocessSpec
 
 _MODES = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
@@ -46,33 +45,3 @@ def normalize(x: Tensor, spec: PreprocessSpec) -> Tensor:
     mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
     std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
     return (x.to(torch.float32) / 255.0 - mean) / std
-
-
-class EvalTransform:
-    """Resize to uint8, then the centre crop (crops=1) or the ten crops (crops=10), normalised.
-
-    A class rather than a closure so DataLoader worker processes can pickle it.
-    """
-
-    def __init__(self, spec: PreprocessSpec, crops: int):
-        if crops not in (1, 10):
-            raise ValueError(f"crops must be 1 or 10, got {crops}")
-        self.spec = spec
-        self.crops = crops
-
-    def __call__(self, img: Image.Image) -> Tensor:
-        x = resize_uint8(img, self.spec)
-        if self.crops == 10:
-            x = ten_crop(x.unsqueeze(0), self.spec.crop)[0]
-        else:
-            box = center_crop_box(self.spec.resize, self.spec.crop)
-            x = x[:, box.top:box.top + box.size, box.left:box.left + box.size]
-        return normalize(x, self.spec)
-
-    def __repr__(self) -> str:
-        return f"EvalTransform(spec={self.spec}, crops={self.crops})"
-
-
-def eval_transform(spec: PreprocessSpec, crops: int) -> EvalTransform:
-    """crops=1: [3, crop, crop]; crops=10: [10, 3, crop, crop] (TenCrop order), normalised float32."""
-    return EvalTransform(spec, crops)

@@ -44,7 +44,7 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
                ("pre", format_parity_table(r["export"]["exports"])),
                ("p", f"TensorRT: {r['export']['tensorrt']}")]
     cam_rows = [[name, precision, f"{a['cam']['mean_correlation']:.4f}", f"{a['cam']['min_correlation']:.4f}",
-                 f"{a['cam']['gate']['limit']}", "yes" if a["cam"]["passed"] else "NO", str(len(a["top1_differs"]))]
+                 f"{a['cam']['gates']['mean_correlation']['limit']}", "yes" if a["cam"]["passed"] else "NO", str(len(a["top1_differs"]))]
                 for name, v in r["validation"].items() if "artifacts" in v
                 for precision, a in v["artifacts"].items() if a.get("cam")]
     blocks.append(("table", ["export", "precision", "CAM r (mean)", "CAM r (min)", "gate", "passed", "top-1 differs"],

@@ -1,8 +1,11 @@
 """Errors of the export stage."""
 from __future__ import annotations
 
+from common.errors import UserError
 
-class ExportError(Exception):
+
+
+class ExportError(UserError):
     """Bad input, a tampered or missing export file, or ensemble members that cannot be combined."""
 
 

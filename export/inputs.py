@@ -7,7 +7,8 @@ from torch import Tensor
 
 from data.images import ImageError, load_rgb
 from data.spec import PreprocessSpec
-from data.transforms import eval_transform, resize_uint8
+from data.crops import eval_transform
+from data.transforms import resize_uint8
 from export.errors import ExportError
 
 

@@ -39,13 +39,14 @@ import torch
 from torch import Tensor
 
 from common import atomic_write
-from data.folder import scan_folder
+from common.errors import UserError
+from data.heldout import FROM_RUN, held_out
 from data.spec import PreprocessSpec
-from data.split import load_split, make_split, spread_evenly
 from export.errors import ExportError
 from export.fp16 import preprocessing_nodes
 from export.inputs import graph_inputs
 from export.onnx_export import check_graph
+from models.checkpoint import recorded_split_files
 
 CALIBRATION_IMAGES = 64
 CALIBRATION_CROPS = 32          # crops per calibration call (an in-graph ten-crop input is ten of them)
@@ -54,32 +55,19 @@ ACTIVATIONS = ("uint8", "int8-symmetric")  # for ONNX Runtime, for TensorRT (see
 
 
 def calibration_samples(meta: dict, data=None, count: int = CALIBRATION_IMAGES) -> tuple[list, dict]:
-    """Up to ``count`` training images of the checkpoint's split, spread evenly over it (so over the classes).
-
-    The split is the one saved with the checkpoint (its record's ``split``); without it, the seed-0
-    split of ``data`` (as runtime.evaluate and bench take a data folder). Returns (samples, origin).
+    """Up to ``count`` training images, spread evenly over the classes, of the split the parity check
+    holds out (data.heldout: ``data``'s seed-0 split, else the checkpoint's saved one), so calibration
+    never sees a held-out image. Returns (samples, origin).
     """
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ExportError(f"calibration needs a positive number of images, got {count!r}")
-    split_path = meta.get("record", {}).get("split")
     try:
-        if split_path and os.path.isfile(split_path):
-            split, origin = load_split(split_path), {"source": "train split", "path": split_path}
-        elif data is not None:
-            root = os.path.abspath(os.fspath(data))
-            split, origin = make_split(scan_folder(root), seed=0), {"source": "train part of the seed-0 split",
-                                                                     "path": root}
-        else:
-            where = f"its split file {split_path} is missing" if split_path else "it records no split"
-            raise ExportError(f"int8 calibration needs the checkpoint's training images, but {where}: "
-                              "pass --data with the training data folder")
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read the calibration images: {exc}") from exc
-    samples = list(split.train)
-    if not samples:
-        raise ExportError(f"{origin['path']}: the split has no training images to calibrate on")
-    samples = spread_evenly(samples, count)
-    return samples, origin
+        held = held_out(data, recorded_split_files(meta.get("record")), owner="the checkpoint")
+        samples = held.samples("train", count)
+    except UserError as exc:
+        raise ExportError(f"int8 calibration needs the checkpoint's training images: {exc}") from exc
+    source = "train split" if held.source == FROM_RUN else "train part of the seed-0 split"
+    return samples, {"source": source, "path": held.path}
 
 
 def calibration_inputs(samples, spec: PreprocessSpec, ten_crop_in_graph: bool) -> tuple[Tensor, list]:

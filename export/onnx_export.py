@@ -5,7 +5,7 @@ Graph contract (runtime/ and gradcam/ depend on it; the returned ``io`` goes int
   float32 [N, K]; with ``cam_output`` also ``features`` float32 [N, C, h, w] (the map entering global
   pooling), one ``features_<i>`` per member for an ensemble.
 - ten crops in the graph: input ``images`` uint8 [B, 3, resize, resize]; the graph normalises, cuts
-  the ten crops (models.TenCropModel, i.e. data.geometry.ten_crop) and averages the crops' logits:
+  the ten crops (models.TenCropModel, i.e. data.crops.TEN) and averages the crops' logits:
   ``logits`` float32 [B, K]; with ``cam_output`` features are [B, 10, C, h, w].
 - fp16: weights and arithmetic in fp16, but inputs and outputs keep the types above (casts inside
   the graph), so every consumer feeds and reads the same thing whatever the precision.
@@ -34,11 +34,12 @@ import torch
 from torch import Tensor, nn
 
 from common import atomic_write
+from data.crops import TEN
 from data.spec import PreprocessSpec
 from export.errors import ExportError
 from export.fp16 import convert_to_fp16
 from models.ensemble import Ensemble
-from models.tencrop import NUM_CROPS, TenCropModel
+from models.tencrop import TenCropModel
 
 EXPORTER = "torch.onnx.export(dynamo=False)"
 DEFAULT_OPSET = 17  # read by TensorRT 10+, ONNX Runtime >= 1.14 and the exporter of torch >= 2.6
@@ -123,7 +124,7 @@ def export_onnx(model: nn.Module, path, *, spec: PreprocessSpec, precision: str 
         "inputs": [_tensor_spec(input_name(ten_crop_in_graph), example)],
         "outputs": [_tensor_spec(name, value) for name, value in zip(names_out, outputs)],
         "layout": "NCHW",
-        "crops_per_image": NUM_CROPS if ten_crop_in_graph else 1,
+        "crops_per_image": TEN.count if ten_crop_in_graph else 1,
     }
     proto = _trace_to_onnx(graph, example, io, opset, path)
     if precision == "fp16":

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from common import sha256_file
-from data.folder import scan_folder
+from common.errors import UserError
+from data.heldout import SplitFileMissing, SplitNotRecorded, held_out
 from data.spec import PreprocessSpec
-from data.split import load_split, spread_evenly
 from data.synth import default_data_root
 from export.errors import ExportError, ParityError
 from export.inputs import graph_inputs
@@ -30,7 +30,7 @@ from export.onnx_export import EXPORTER, export_onnx
 from export.ort import logits_runner, make_ort_session
 from export.parity import check_parity, compare_with_reference, reference_logits
 from export.tensorrt import TensorRTEngine, build_tensorrt_engine, profile_shapes, resolve_mode
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, recorded_split_files
 from models.complexity import count_parameters
 from models.ensemble import Ensemble
 from models.tencrop import TenCropModel
@@ -119,24 +119,17 @@ def check_ensemble_members(sources: list[Source]) -> None:
 
 
 def _parity_samples(source: Source, data, count: int, progress: bool) -> tuple[list, dict]:
-    """Held-out images for parity: ``data`` if given, else the checkpoint's test split, else the embedded set."""
-    split_path = source.meta.get("record", {}).get("split")
+    """At most ``count`` held-out images for parity (data.heldout: the test part of ``data``'s seed-0
+    split, else of the checkpoint's split); without either, of the embedded set's seed-0 split."""
     try:
-        if data is not None:
-            samples, origin = scan_folder(data).samples, {"source": "folder", "path": os.path.abspath(os.fspath(data))}
-        elif split_path and os.path.isfile(split_path):
-            samples, origin = load_split(split_path).test, {"source": "test split", "path": split_path}
-        else:
-            if split_path:
-                _log(progress, f"{source.name}: split file {split_path} is missing; using the embedded set")
-            root = default_data_root(progress=progress)
-            samples, origin = scan_folder(root).samples, {"source": "embedded set", "path": root}
-    except (OSError, ValueError) as exc:
+        try:
+            held = held_out(data, recorded_split_files(source.meta.get("record")), owner=source.name)
+        except (SplitNotRecorded, SplitFileMissing) as exc:
+            _log(progress, f"{exc}; using the embedded set")
+            held = held_out(default_data_root(progress=progress))
+        return held.samples("test", count), held.origin()
+    except UserError as exc:
         raise ExportError(f"cannot read the parity images: {exc}") from exc
-    if not samples:
-        raise ExportError(f"{origin['path']}: no images for the parity check")
-    samples = spread_evenly(samples, count)
-    return samples, origin
 
 
 def load_parity_images(samples, spec: PreprocessSpec, ten_crop_in_graph: bool) -> tuple[Tensor, list]:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from export.parity import tf32_disabled
+from common.device import ieee_fp32
 
 
 @dataclass
@@ -104,7 +104,7 @@ class BaseCAM:
         if x.dim() != 4:
             raise ValueError(f"expected a [B, 3, H, W] batch, got shape {tuple(x.shape)}")
         device = next(self.model.parameters()).device
-        with tf32_disabled(), torch.no_grad():
+        with ieee_fp32(), torch.no_grad():
             output = self.model.forward_features(x.to(device=device, dtype=torch.float32))
         return [f.detach() for f in (output if isinstance(output, (list, tuple)) else [output])]
 
@@ -112,7 +112,7 @@ class BaseCAM:
         # The head runs on leaf copies of the maps: gradients stop there, so the backbone is never
         # back-propagated through, and frozen backbones (requires_grad False) work too.
         leaves = [f.detach().requires_grad_(self.needs_gradients) for f in features]
-        with tf32_disabled(), torch.set_grad_enabled(self.needs_gradients):
+        with ieee_fp32(), torch.set_grad_enabled(self.needs_gradients):
             logits = self.model.forward_head(leaves if is_ensemble(self.model) else leaves[0])
             targets = _resolve_targets(targets, logits)
             weights = self.channel_weights(leaves, logits, targets)

@@ -5,8 +5,8 @@ An export made with ``cam_output`` has, beside ``logits``, the map entering glob
 (``cam_weights.npz``). CAM = ReLU(sum_k W[c, k] * A_k) from those is, for a global-average-pool +
 linear head, the reference Grad-CAM times h*w (Grad-CAM paper, section 3.1) - the same map in the
 same logit units (gradcam.core) - so the two are compared directly: per image the Pearson
-correlation of the pasted-back maps and the distance between their peaks. Gates on the mean
-correlation over the images: >= 0.99 for fp32 graphs, >= 0.98 for fp16.
+correlation of the pasted-back maps and the distance between their peaks. The gate on the mean
+correlation over the images is export.parity.CAM_GATES (the same table shape as the logit gates).
 """
 from __future__ import annotations
 
@@ -18,14 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from common import sha256_file
+from common.errors import InputError
 from data.spec import PreprocessSpec
 from export import ExportError, artifact_path, load_cam_weights, make_ort_session
 from gradcam.core import CamResult, weighted_channel_sum
-from gradcam.tencrop import ImageCam, crops_to_image, cut_crops, image_cam, peak, per_crop_targets
+from data.crops import crop_mode
+from export.parity import CAM_GATES, apply_gates
+from gradcam.tencrop import ImageCam, crops_to_image, image_cam, peak, per_crop_targets
 from models.checkpoint import load_checkpoint
 from models.ensemble import Ensemble
-
-CAM_GATES = {"fp32": 0.99, "fp16": 0.98}  # minimum mean Pearson correlation with the reference Grad-CAM
 
 
 class ExportedCam:
@@ -67,13 +68,13 @@ class ExportedCam:
 
         An in-graph ten-crop graph returns only the crop-averaged logits: each crop row carries them.
         """
-        if self.ten_crop_in_graph and crops != 10:
-            raise ValueError(f"export {self.name!r} cuts ten crops inside its graph; "
+        if self.ten_crop_in_graph and crop_mode(crops).count != 10:
+            raise InputError(f"export {self.name!r} cuts ten crops inside its graph; "
                              f"it cannot explain crops={crops} (use 10)")
         logits, features = [], [[] for _ in self.feature_names]
         for start in range(0, len(images), self.batch):
             chunk = images[start:start + self.batch]
-            feed = chunk if self.ten_crop_in_graph else cut_crops(chunk, self.spec, crops).flatten(0, 1)
+            feed = chunk if self.ten_crop_in_graph else crop_mode(crops).cut(chunk, self.spec).flatten(0, 1)
             out = self.session.run(["logits", *self.feature_names], {self.input_name: np.ascontiguousarray(feed.numpy())})
             crop_logits = torch.from_numpy(np.asarray(out[0], dtype=np.float32))
             if self.ten_crop_in_graph:
@@ -93,17 +94,15 @@ class ExportedCam:
     def image_logits(self, images: Tensor, crops: int = 10) -> Tensor:
         """[B, K] crop-averaged logits of resized uint8 images."""
         logits, _ = self.forward(images, crops)
-        return logits.reshape(len(images), -1, logits.shape[-1]).mean(dim=1)
+        return crop_mode(crops).reduce(logits)
 
     def image_cams(self, images: Tensor, crops: int = 10, target_sets=(None,)) -> list[ImageCam]:
         """Like ``gradcam.tencrop.image_cams``, from the exported graph (None: the export's own prediction)."""
         self.require_cam()
         logits, features = self.forward(images, crops)
-        n = 10 if crops == 10 else 1
-        batch = len(images)
         results = []
         for targets in target_sets:
-            crop_targets = per_crop_targets(targets, batch, n)(logits)
+            crop_targets = per_crop_targets(targets, crops)(logits)
             maps = [weighted_channel_sum(a, w[crop_targets]) for a, w in zip(features, self.weights)]
             cam = CamResult(maps=maps, logits=logits, targets=crop_targets, scales=[1.0] * len(maps))
             results.append(crops_to_image(cam, self.spec, crops))
@@ -161,28 +160,30 @@ def compare_maps(reference: Tensor, exported: Tensor) -> list[dict]:
 
 
 def cam_gate_report(rows: list[dict], precision: str) -> dict:
-    """Summary of ``compare_maps`` rows with the precision's gate on the mean correlation."""
-    if precision not in CAM_GATES:
-        raise ValueError(f"no CAM gate for precision {precision!r}; expected one of {sorted(CAM_GATES)}")
+    """Summary of ``compare_maps`` rows with the precision's CAM gates (export.parity.CAM_GATES)."""
     if not rows:
         raise ValueError("the CAM comparison needs at least one image")
     correlations = np.array([r["correlation"] for r in rows])
     distances = np.array([r["peak_distance_px"] for r in rows])
     fractions = np.array([r["peak_distance_frac"] for r in rows])
-    limit = CAM_GATES[precision]
-    mean = float(correlations.mean())
-    return {
-        "precision": precision,
+    metrics = {
         "n_images": len(rows),
-        "mean_correlation": mean,
+        "mean_correlation": float(correlations.mean()),
         "min_correlation": float(correlations.min()),
         "mean_peak_distance_px": float(distances.mean()),
         "max_peak_distance_px": float(distances.max()),
         "mean_peak_distance_frac": float(fractions.mean()),
         "max_peak_distance_frac": float(fractions.max()),
-        "gate": {"value": mean, "op": ">=", "limit": limit, "passed": bool(mean >= limit)},
-        "passed": bool(mean >= limit),
     }
+    return apply_gates(metrics, precision, CAM_GATES)
+
+
+def compare_with_reference_cam(exported: ExportedCam, images: Tensor, reference: ImageCam,
+                               crops=10) -> tuple[list[dict], ImageCam, ImageCam]:
+    """The export's CAM of the reference's classes, compared image by image with the reference's maps
+    (``compare_maps`` rows), and the export's CAM of its own prediction."""
+    same_class, own = exported.image_cams(images, crops, [reference.targets, None])
+    return compare_maps(reference.maps, same_class.maps), same_class, own
 
 
 def cam_parity(manifest: dict, images: Tensor, precision: str = "fp32", crops: int = 10,
@@ -199,5 +200,5 @@ def cam_parity(manifest: dict, images: Tensor, precision: str = "fp32", crops: i
         chunk = images[start:start + batch]
         chunk_targets = None if targets is None else torch.as_tensor(targets)[start:start + batch]
         ref = image_cam(reference, chunk, exported.spec, crops=crops, targets=chunk_targets)
-        rows += compare_maps(ref.maps, exported.image_cams(chunk, crops, [ref.targets])[0].maps)
+        rows += compare_with_reference_cam(exported, chunk, ref, crops)[0]
     return {**cam_gate_report(rows, precision), "images": rows}

@@ -19,7 +19,7 @@ def render_gradcam(r: dict) -> str:
     cam = r.get("cam_parity")
     if cam:
         lines.append(f"  CAM parity ({cam['precision']}): mean r {cam['mean_correlation']:.4f} (gate >= "
-                     f"{cam['gate']['limit']}) {'passed' if cam['passed'] else 'FAILED'}")
+                     f"{cam['gates']['mean_correlation']['limit']}) {'passed' if cam['passed'] else 'FAILED'}")
     return "\n".join(lines)
 
 
@@ -48,7 +48,8 @@ def render_validation(r: dict) -> str:
         lines.append(f"  {precision} {a['file']}: {gates}")
         if a["cam"]:
             lines.append(f"    CAM r mean {a['cam']['mean_correlation']:.4f} min {a['cam']['min_correlation']:.4f} "
-                         f"(gate >= {a['cam']['gate']['limit']}) {'ok' if a['cam']['passed'] else 'FAILED'}")
+                         f"(gate >= {a['cam']['gates']['mean_correlation']['limit']}) "
+                         f"{'ok' if a['cam']['passed'] else 'FAILED'}")
         lines.append(f"    top-1 differs on {len(a['top1_differs'])} image(s)")
     lines += [f"  problem: {p}" for p in r["problems"]]
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Ten-crop (and centre-crop) CAM: one map per crop, pasted back onto the resized image.
 
-The crop boxes come from ``data.geometry`` (the one ten-crop geometry): a mirrored crop's map is
+Crops, their boxes and the logit reduction come from the crop mode (``data.crops``): a mirrored crop's map is
 mirrored back, then every map is pasted at its box and each pixel is the mean over the crops that
 cover it. The class explained is the one the ten-crop model predicts: the argmax of the mean of
 the crops' logits (or a class given by the caller). The same paste-back serves exported CAM.
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from data.geometry import CropBox, center_crop_box, ten_crop, ten_crop_boxes
+from data.crops import crop_mode
+from data.geometry import CropBox
 from data.spec import PreprocessSpec
-from data.transforms import normalize
 from gradcam.core import BaseCAM, CamResult, GradCAM
 
 
@@ -25,26 +25,6 @@ class ImageCam:
     maps: Tensor
     logits: Tensor
     targets: Tensor
-
-
-def crop_boxes(spec: PreprocessSpec, crops: int) -> list[CropBox]:
-    if crops == 10:
-        return ten_crop_boxes(spec.resize, spec.crop)
-    if crops == 1:
-        return [center_crop_box(spec.resize, spec.crop)]
-    raise ValueError(f"crops must be 1 or 10, got {crops}")
-
-
-def cut_crops(images: Tensor, spec: PreprocessSpec, crops: int) -> Tensor:
-    """uint8 [B, 3, R, R] -> normalised float [B, n, 3, c, c] in the order of ``crop_boxes``."""
-    side = spec.resize
-    if images.dim() != 4 or tuple(images.shape[1:]) != (3, side, side):
-        raise ValueError(f"expected resized images [B, 3, {side}, {side}], got {tuple(images.shape)}")
-    x = normalize(images, spec)
-    if crops == 10:
-        return ten_crop(x, spec.crop)
-    box = crop_boxes(spec, 1)[0]
-    return x[:, None, :, box.top:box.top + box.size, box.left:box.left + box.size]
 
 
 def paste_back(crop_maps: Tensor, boxes: list[CropBox], resize: int) -> Tensor:
@@ -93,35 +73,34 @@ def image_cams(
     method: type[BaseCAM] = GradCAM,
 ) -> list[ImageCam]:
     """``image_cam`` for several target sets (e.g. predicted and true class) from one backbone pass."""
-    batch_crops = cut_crops(images, spec, crops)
-    batch, n = batch_crops.shape[:2]
+    batch_crops = crop_mode(crops).cut(images, spec)
+    batch = batch_crops.shape[0]
     cam = method(model)
     features = cam.features(batch_crops.flatten(0, 1))
     results = []
     for targets in target_sets:
         if targets is not None and torch.as_tensor(targets).numel() != batch:
             raise ValueError(f"one target per image: {torch.as_tensor(targets).numel()} targets for {batch} images")
-        results.append(crops_to_image(cam.explain(features, per_crop_targets(targets, batch, n)), spec, crops))
+        results.append(crops_to_image(cam.explain(features, per_crop_targets(targets, crops)), spec, crops))
     return results
 
 
 def crops_to_image(result: CamResult, spec: PreprocessSpec, crops: int) -> ImageCam:
-    """A CamResult over [B*n] crops (image-major, ``crop_boxes`` order) -> the pasted-back ImageCam."""
-    boxes = crop_boxes(spec, crops)
-    n = len(boxes)
-    batch = result.logits.shape[0] // n
-    crop_maps = result.at_size(spec.crop).reshape(batch, n, spec.crop, spec.crop)
-    mean_logits = result.logits.reshape(batch, n, -1).mean(dim=1)
-    return ImageCam(paste_back(crop_maps, boxes, spec.resize).cpu(), mean_logits.cpu(), result.targets[::n].cpu())
+    """A CamResult over [B*n] crops (image-major, the crop mode's box order) -> the pasted-back ImageCam."""
+    mode = crop_mode(crops)
+    crop_maps = mode.per_image(result.at_size(spec.crop))
+    return ImageCam(paste_back(crop_maps, mode.boxes(spec), spec.resize).cpu(), mode.reduce(result.logits).cpu(),
+                    result.targets[::mode.count].cpu())
 
 
-def per_crop_targets(targets: Tensor | None, batch: int, n: int):
+def per_crop_targets(targets: Tensor | None, crops):
     """Every crop is explained for its image's class (d mean-logit / d crop-logit = 1/n > 0); by
-    default the class the ten-crop model predicts: argmax of the mean of the crops' logits."""
+    default the class the crop mode's model predicts: argmax of its reduced logits."""
+    mode = crop_mode(crops)
 
     def choose(logits: Tensor) -> Tensor:
-        chosen = logits.reshape(batch, n, -1).mean(dim=1).argmax(dim=1) if targets is None else targets
-        return torch.as_tensor(chosen, dtype=torch.int64, device=logits.device).reshape(-1).repeat_interleave(n)
+        chosen = mode.reduce(logits).argmax(dim=1) if targets is None else targets
+        return torch.as_tensor(chosen, dtype=torch.int64, device=logits.device).reshape(-1).repeat_interleave(mode.count)
 
     return choose
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from common import atomic_write
+from common.errors import UserError
 from data.spec import PreprocessSpec
 from models.registry import INIT_ONLY_KWARGS, create_model, list_models
 from models.weights import state_dict_mismatch, torch_load_weights_only
@@ -23,7 +24,7 @@ FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "num_classes", "classes", "spec", "model_kwargs", "state_dict", "record")
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
@@ -106,6 +107,24 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     """Everything but the weights, validated; raises CheckpointError."""
     checkpoint = _read_checkpoint(path)
     return {k: v for k, v in checkpoint.items() if k != "state_dict"}
+
+
+def recorded_split_files(record: dict | None = None, checkpoints=(), manifest: dict | None = None) -> list[str]:
+    """The split files a model names, most direct first (data.heldout.held_out takes the first that exists):
+    a training record's ``split``, each checkpoint's (an export's: each source checkpoint's) recorded
+    split, then the test split an export's parity check read."""
+    files = [(record or {}).get("split")]
+    sources = list(checkpoints) + [s.get("path") for s in (manifest or {}).get("sources") or []]
+    for path in sources:
+        if path and os.path.isfile(path):
+            try:
+                files.append(read_checkpoint_meta(path).get("record", {}).get("split"))
+            except CheckpointError:
+                continue
+    parity_images = (manifest or {}).get("parity", {}).get("images", {})
+    if parity_images.get("source") == "test split":
+        files.append(parity_images.get("path"))
+    return [f for f in files if f]
 
 
 def load_checkpoint(

@@ -11,6 +11,7 @@ from typing import Callable
 
 from torch import nn
 
+from common.errors import InputError
 from data.spec import PreprocessSpec, spec_for_crop
 
 # Keyword arguments that say where initial weights come from rather than what the network is:
@@ -50,7 +51,7 @@ def _entry(name: str) -> _Entry:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
+        raise InputError(f"unknown model {name!r}; known models: {', '.join(list_models())}") from None
 
 
 def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
@@ -63,19 +64,21 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     """
     entry = _entry(name)
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        raise InputError(f"num_classes must be a positive integer, got {num_classes!r}")
     accepted = [p for p in inspect.signature(entry.builder).parameters if p != "num_classes"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise ValueError(f"model {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}")
+        raise InputError(f"model {name!r} does not take {', '.join(unknown)}; it takes: {', '.join(accepted)}")
     model = entry.builder(num_classes, **kwargs)
     model.arch = name
     model.model_kwargs = {k: v for k, v in kwargs.items() if k not in INIT_ONLY_KWARGS}
     return model
 
 
-def default_spec(name: str) -> PreprocessSpec:
-    """Preprocessing the architecture is trained with: 224 crops of 256 resizes, or its pretrained weights' own."""
+def default_spec(name: str, crop: int | None = None, norm: str | None = None) -> PreprocessSpec:
+    """Preprocessing the architecture is trained with: 224 crops of 256 resizes, or its pretrained
+    weights' own. ``crop``/``norm`` replace only the crop side (the resize keeps the 224/256 ratio) or
+    the normalisation ("imagenet" | "half"); the interpolation stays the architecture's."""
     entry = _entry(name)
-    spec = spec_for_crop(entry.crop, entry.norm)
+    spec = spec_for_crop(crop or entry.crop, norm or entry.norm)
     return dataclasses.replace(spec, interpolation=entry.interpolation)

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from data.geometry import ten_crop
+from data.crops import TEN
 from data.spec import PreprocessSpec
-from data.transforms import normalize
-
-NUM_CROPS = 10
 
 
 class TenCropModel(nn.Module):
     """Input ``[B, 3, spec.resize, spec.resize]`` uint8 (or float holding 0..255).
 
-    Normalises with ``spec``, cuts torchvision's ten crops (data.geometry.ten_crop), runs ``model``
+    Normalises with ``spec``, cuts torchvision's ten crops (data.crops.TEN), runs ``model``
     on ``[B*10, 3, crop, crop]`` and returns the mean logit over the crops, ``[B, K]`` float32.
     With ``return_features=True`` it returns ``(logits, features)`` where features are
     ``[B, 10, C, h, w]`` (a list of those for an Ensemble), the maps CAM is computed from.
@@ -26,14 +23,10 @@ class TenCropModel(nn.Module):
         self.return_features = return_features
 
     def forward(self, x: Tensor):
-        side = self.spec.resize
-        if x.dim() != 4 or tuple(x.shape[1:]) != (3, side, side):
-            raise ValueError(f"TenCropModel expects [B, 3, {side}, {side}] input, got {tuple(x.shape)}")
         first_param = next(self.model.parameters())
-        crops = ten_crop(normalize(x, self.spec), self.spec.crop).flatten(0, 1).to(first_param.dtype)
+        crops = TEN.cut(x, self.spec).flatten(0, 1).to(first_param.dtype)
         features = self.model.forward_features(crops)
-        logits = self.model.forward_head(features).float()
-        mean_logits = logits.reshape(-1, NUM_CROPS, logits.shape[-1]).mean(dim=1)
+        mean_logits = TEN.reduce(self.model.forward_head(features).float())
         if not self.return_features:
             return mean_logits
         return mean_logits, _per_image(features)
@@ -43,4 +36,4 @@ def _per_image(features):
     """[B*10, C, h, w] -> [B, 10, C, h, w], member by member for an ensemble's list."""
     if isinstance(features, (list, tuple)):
         return [_per_image(f) for f in features]
-    return features.reshape(-1, NUM_CROPS, *features.shape[1:])
+    return TEN.per_image(features)

@@ -7,6 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from common.errors import InputError, MissingFileError
+
+
 _REFUSAL_MARK = "Weights only load failed"
 
 
@@ -15,7 +18,7 @@ def torch_load_weights_only(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, EOFError, KeyError, UnpicklingError... for bad files
-        raise ValueError(f"{os.fspath(path)}: {describe_load_failure(exc)}") from exc
+        raise InputError(f"{os.fspath(path)}: {describe_load_failure(exc)}") from exc
 
 
 def describe_load_failure(exc: Exception) -> str:
@@ -34,18 +37,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """A flat name -> tensor mapping from a ``.safetensors`` or torch file; raises FileNotFoundError/ValueError."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: weights file not found (nothing is downloaded; pass a local file)")
+        raise MissingFileError(f"{path}: weights file not found (nothing is downloaded; pass a local file)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         try:
             state = load_file(path, device="cpu")
         except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
-            raise ValueError(f"{path}: not a readable safetensors file: {exc}") from exc
+            raise InputError(f"{path}: not a readable safetensors file: {exc}") from exc
     else:
         state = torch_load_weights_only(path)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not a state_dict (expected a mapping of parameter names to tensors)")
+        raise InputError(f"{path}: not a state_dict (expected a mapping of parameter names to tensors)")
     return state
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from common.errors import InputError
 from models.init import init_residual_network
 from models.registry import register_model
 from models.resnet import scaled
@@ -227,5 +228,5 @@ def load_backbone_weights(model: Xception, path: str | os.PathLike) -> None:
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("fc.")}
     mismatch = state_dict_mismatch(expected, state)
     if mismatch:
-        raise ValueError(f"{os.fspath(path)}: not an ImageNet Xception (timm legacy_xception) state_dict: {mismatch}")
+        raise InputError(f"{os.fspath(path)}: not an ImageNet Xception (timm legacy_xception) state_dict: {mismatch}")
     model.load_state_dict(state, strict=False)

@@ -6,9 +6,9 @@ import os
 import numpy as np
 
 from common import accuracy_report
-from data.folder import scan_folder
-from data.split import Split, load_split, make_split
-from models.checkpoint import CheckpointError, read_checkpoint_meta
+from data.heldout import FROM_RUN, held_out
+from data.split import Split
+from models.checkpoint import recorded_split_files
 from runtime.loader import load
 from runtime.pipeline import run_files
 
@@ -18,16 +18,11 @@ def evaluate(model_path, *, data=None, backend: str = "auto", device: str = "aut
              preprocess: str = "auto") -> dict:
     """Top-1/top-5/mean-per-class accuracy on the test part of the model's saved split.
 
-    `data` evaluates on another folder instead: its seed-0 stratified split is made on the fly.
+    `data` evaluates on another folder instead: the test part of its seed-0 split (data.heldout).
     Unreadable test images are listed under "failures" and left out of the accuracy.
     """
     predictor = load(model_path, backend=backend, device=device, precision=precision)
     split, split_source = held_out_split(predictor, data)
-    if split.classes != predictor.classes:
-        raise ValueError(f"the model's {len(predictor.classes)} classes differ from the split's "
-                         f"{len(split.classes)} classes ({split_source}); evaluate on the data it was trained on")
-    if not split.test:
-        raise ValueError(f"the test split is empty ({split_source})")
     paths = [s.path for s in split.test]
     run = run_files(predictor, paths, crops=crops, batch=batch, workers=workers, progress=progress,
                     preprocess=preprocess)
@@ -53,32 +48,8 @@ def evaluate(model_path, *, data=None, backend: str = "auto", device: str = "aut
 
 
 def held_out_split(predictor, data) -> tuple[Split, str]:
-    """The split to evaluate on and a description of where it came from."""
-    if data is not None:
-        root = os.fspath(data)
-        return make_split(scan_folder(root), seed=0), f"seed-0 split of {root}"
-    split_path = predictor.record.get("split") or _export_split_path(predictor.manifest)
-    if not split_path:
-        raise ValueError(f"{predictor.source}: no split recorded with this model; pass data=<folder> (--data)")
-    if not os.path.isfile(split_path):
-        raise FileNotFoundError(f"split file {split_path} recorded with {predictor.source} is missing; "
-                                "pass data=<folder> (--data) to evaluate on a fresh split")
-    return load_split(split_path), split_path
-
-
-def _export_split_path(manifest: dict | None) -> str | None:
-    """An export's split: the one its (first) source checkpoint was trained with, as that checkpoint's
-    record names it, else the test split its parity check read."""
-    if manifest is None:
-        return None
-    sources = manifest.get("sources") or [{}]
-    checkpoint = sources[0].get("path")
-    if checkpoint and os.path.isfile(checkpoint):
-        try:
-            split_path = read_checkpoint_meta(checkpoint)["record"].get("split")
-        except CheckpointError:
-            split_path = None
-        if split_path:
-            return split_path
-    parity_images = manifest.get("parity", {}).get("images", {})
-    return parity_images.get("path") if parity_images.get("source") == "test split" else None
+    """A loaded model's held-out split (data.heldout.held_out over what its run recorded) and where it came from."""
+    held = held_out(data, recorded_split_files(predictor.record, manifest=predictor.manifest), classes=predictor.classes,
+                    owner=predictor.source)
+    held.samples("test")  # an empty test part is an error here, before any model runs
+    return held.split, held.path if held.source == FROM_RUN else f"seed-0 split of {held.path}"

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 
-from runtime.predictor import BackendError, Predictor, resolve_device
+from common.device import resolve_device
+from common.errors import InputError, MissingFileError
+from runtime.predictor import BackendError, Predictor
 
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
@@ -21,13 +23,13 @@ def load(path, backend: str = "auto", device: str = "auto", precision: str = "fp
         raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"model not found: {path} (expected a checkpoint .pt, an export folder or manifest.json)")
+        raise MissingFileError(f"model not found: {path} (expected a checkpoint .pt, an export folder or manifest.json)")
     if path.endswith((".onnx", ".plan")):
         raise BackendError(f"{path}: give the export folder (or its manifest.json), not one graph file: "
                            "the manifest carries the classes, the preprocessing and the hashes checked before loading")
     if _is_export(path):
         if channels_last or compile:
-            raise ValueError("channels_last and compile apply to the torch backend (checkpoints) only, not to exports")
+            raise InputError("channels_last and compile apply to the torch backend (checkpoints) only, not to exports")
         return _load_export(path, backend, device, precision, threads)
     if backend in ("onnxruntime", "tensorrt"):
         raise BackendError(f"{path} is a PyTorch checkpoint; the {backend} backend runs an export folder "

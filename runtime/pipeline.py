@@ -13,7 +13,6 @@ A file that cannot be used becomes a (position, reason) failure; the rest of its
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +25,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from common.errors import InputError
 from data.images import MAX_PIXELS, ImageError, load_rgb
+from common.device import default_workers
 from data.spec import PreprocessSpec
 from data.transforms import interpolation_mode, resize_uint8
 from runtime.predictor import Predictor
@@ -34,10 +35,6 @@ from runtime.predictor import Predictor
 PREPROCESS_MODES = ("auto", "host", "device", "device-jpeg")
 _EXIF_ORIENTATION = 0x0112
 _JPEG_END = b"\xff\xd9"
-
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)
 
 
 def resize_on_device(pixels: Tensor, spec: PreprocessSpec) -> Tensor:
@@ -156,9 +153,9 @@ def run_files(predictor: Predictor, paths: list[str], *, crops: int = 10, batch:
     preprocess "auto": host on the CPU; on CUDA, device-jpeg when nvJPEG works here, else device.
     """
     if preprocess not in PREPROCESS_MODES:
-        raise ValueError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
+        raise InputError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
     if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
+        raise InputError(f"batch must be at least 1, got {batch}")
     on_cuda = predictor.device.startswith("cuda")
     if preprocess == "auto":
         preprocess = "host" if not on_cuda else ("device-jpeg" if nvjpeg_works(predictor.device) else "device")

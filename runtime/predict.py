@@ -9,6 +9,7 @@ import os
 import torch
 
 from common import atomic_write, topk_indices
+from common.errors import InputError, MissingFileError
 from data.folder import is_image_name
 from runtime.loader import load
 from runtime.pipeline import run_files
@@ -26,7 +27,7 @@ def predict_files(model_path, paths, *, backend: str = "auto", device: str = "au
     runs/train/*/best.pt. `csv`: also write the results there (atomically).
     """
     if topk < 1:
-        raise ValueError(f"topk must be at least 1, got {topk}")
+        raise InputError(f"topk must be at least 1, got {topk}")
     model_path = newest_checkpoint() if model_path is None else os.fspath(model_path)
     files, unlistable = expand_paths(paths)
     predictor = load(model_path, backend=backend, device=device, precision=precision)
@@ -84,14 +85,14 @@ def expand_paths(paths) -> tuple[list[str], list[tuple[str, str]]]:
             dirs.sort()
             files.extend(os.path.join(folder, n) for n in sorted(names) if is_image_name(n))
     if not files and not unlistable:
-        raise ValueError(f"no image files found in {', '.join(map(os.fspath, paths)) or 'the given paths'}")
+        raise InputError(f"no image files found in {', '.join(map(os.fspath, paths)) or 'the given paths'}")
     return files, unlistable
 
 
 def newest_checkpoint(runs: str = TRAIN_RUNS) -> str:
     candidates = glob.glob(os.path.join(runs, "*", "best.pt"))
     if not candidates:
-        raise FileNotFoundError(f"no trained model found ({runs}/*/best.pt); train one first "
+        raise MissingFileError(f"no trained model found ({runs}/*/best.pt); train one first "
                                 "(`python cli.py train`) or pass --model")
     return max(candidates, key=os.path.getmtime)
 

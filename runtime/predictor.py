@@ -8,29 +8,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from data.geometry import center_crop_box, ten_crop
+from common.errors import UserError
+from data.crops import crop_mode
 from data.spec import PreprocessSpec
-from data.transforms import normalize
-
-CROP_CHOICES = (1, 10)
 
 
-class BackendError(RuntimeError):
+class BackendError(UserError, RuntimeError):
     """A backend that does not exist, is not available here, or cannot run the given model."""
-
-
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when torch sees a GPU, else "cpu"; "cuda" without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        return "cpu"
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise BackendError(f"device {device!r} requested but torch sees no CUDA GPU "
-                               f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
-        return device
-    raise ValueError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
 
 
 class Predictor:
@@ -84,26 +68,18 @@ class Predictor:
 
     def device_logits_from_images(self, images: Tensor, crops: int = 10) -> Tensor:
         """logits_from_images, leaving the result on self.device (the pipeline copies once at the end)."""
-        if crops not in CROP_CHOICES:
-            raise ValueError(f"crops must be 1 or 10, got {crops}")
+        mode = crop_mode(crops)
         side = self.spec.resize
         if images.dtype != torch.uint8 or images.dim() != 4 or tuple(images.shape[1:]) != (3, side, side):
             raise ValueError(f"expected uint8 images [B,3,{side},{side}], got {images.dtype} {tuple(images.shape)}")
         images = images.to(self.device, non_blocking=True)
         if self.ten_crop_in_graph:
-            if crops != 10:
+            if mode.count != 10:
                 raise BackendError(f"{self.source}: this export has the ten crops inside its graph, so it cannot "
                                    "run single-crop inference; export without --ten-crop-in-graph for crops=1")
             return self._in_chunks(self._forward_images, images).float()
-        # Normalising the resized image once is cheaper than normalising ten overlapping crops.
-        x = normalize(images, self.spec)
-        if crops == 1:
-            box = center_crop_box(side, self.spec.crop)
-            x = x[:, :, box.top:box.top + box.size, box.left:box.left + box.size].contiguous()
-            return self._in_chunks(self._forward_crops, x).float()
-        batch = x.shape[0]
-        logits = self._in_chunks(self._forward_crops, ten_crop(x, self.spec.crop).flatten(0, 1)).float()
-        return logits.view(batch, 10, -1).mean(dim=1)
+        crops_in = mode.cut(images, self.spec).flatten(0, 1)
+        return mode.reduce(self._in_chunks(self._forward_crops, crops_in).float())
 
     def _in_chunks(self, forward, x: Tensor) -> Tensor:
         if self.max_batch is None or x.shape[0] <= self.max_batch:

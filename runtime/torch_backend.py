@@ -7,6 +7,8 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
+from common.device import ieee_fp32
+from common.errors import InputError
 from data.spec import PreprocessSpec
 from runtime.predictor import Predictor
 
@@ -26,7 +28,7 @@ class TorchPredictor(Predictor):
     def __init__(self, model: nn.Module, meta: dict, *, source: str, device: str, precision: str,
                  channels_last: bool = False, compile: bool | str = False):
         if precision not in TORCH_PRECISIONS:
-            raise ValueError(f"torch backend precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
+            raise InputError(f"torch backend precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
         tags = (["channels_last"] if channels_last else []) + (["compiled"] if compile else [])
         super().__init__(source=source, spec=PreprocessSpec.from_dict(meta["spec"]), classes=meta["classes"],
                          device=device, precision=precision, ten_crop_in_graph=False,
@@ -50,7 +52,7 @@ class TorchPredictor(Predictor):
         """fp32 on CUDA means IEEE fp32: TF32 convolutions/matmuls are switched off during the call."""
         if self.precision != "fp32" or not self.device.startswith("cuda"):
             return contextlib.nullcontext()
-        return ieee_fp32_on_cuda()
+        return ieee_fp32()
 
 
 def _compile_model(model: nn.Module, compile: bool | str, device: str) -> nn.Module:
@@ -72,26 +74,3 @@ def _compile_model(model: nn.Module, compile: bool | str, device: str) -> nn.Mod
     inductor_config.freezing = True
     return torch.compile(model, mode="max-autotune")
 
-
-@contextlib.contextmanager
-def ieee_fp32_on_cuda():
-    """Disable TF32 for cuBLAS and cuDNN, restoring the previous settings afterwards.
-
-    torch >= 2.9 has per-backend `fp32_precision` settings and refuses to mix them with the legacy
-    `allow_tf32` flags, so the new API is used when it exists.
-    """
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn
-    if hasattr(matmul, "fp32_precision") and hasattr(getattr(conv, "conv", None), "fp32_precision"):
-        saved = (matmul.fp32_precision, conv.conv.fp32_precision)
-        matmul.fp32_precision, conv.conv.fp32_precision = "ieee", "ieee"
-        try:
-            yield
-        finally:
-            matmul.fp32_precision, conv.conv.fp32_precision = saved
-    else:
-        saved = (matmul.allow_tf32, conv.allow_tf32)
-        matmul.allow_tf32, conv.allow_tf32 = False, False
-        try:
-            yield
-        finally:
-            matmul.allow_tf32, conv.allow_tf32 = saved

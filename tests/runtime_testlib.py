@@ -19,7 +19,7 @@ from data.images import load_rgb
 from data.spec import spec_for_crop
 from data.split import load_split, make_split, save_split
 from data.synth import synthesize
-from data.transforms import eval_transform
+from data.crops import eval_transform
 from models import create_model, load_checkpoint, save_checkpoint
 
 CROP = 32

@@ -6,7 +6,7 @@ from torch.utils.data import DataLoader
 from data.dataset import BadImage, ImageDataset, collate_skip_bad
 from data.folder import Sample
 from data.spec import spec_for_crop
-from data.transforms import eval_transform
+from data.crops import eval_transform
 
 
 def _samples(tmp_path):

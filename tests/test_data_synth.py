@@ -9,7 +9,8 @@ from PIL import Image
 
 import data.synth as synth
 from data.folder import scan_folder
-from data.synth import (MAX_CLASSES, class_folder_names, default_data_root, default_spec, mask_path,
+from data.spec import spec_for_crop
+from data.synth import (MAX_CLASSES, class_folder_names, default_data_root, embedded_crop, mask_path,
                         synthesize)
 
 SIZE = 48
@@ -182,5 +183,6 @@ def test_default_quick_set_and_specs():
     assert len(index.classes) == synth.QUICK_SET["classes"]
     assert index.counts() == dict.fromkeys(index.classes, synth.QUICK_SET["per_class"])
     assert Image.open(index.samples[0].path).size == (synth.QUICK_SET["size"],) * 2
-    assert default_spec().crop < 224 and default_spec().resize <= synth.FULL_SET["size"]
-    assert default_spec(quick=True).resize <= synth.QUICK_SET["size"]
+    for quick, size in ((False, synth.FULL_SET["size"]), (True, synth.QUICK_SET["size"])):
+        spec = spec_for_crop(embedded_crop(quick))
+        assert spec.crop < 224 and spec.resize <= size

@@ -8,7 +8,8 @@ import torchvision.transforms as T
 from PIL import Image
 
 from data.spec import HALF, IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from data.transforms import eval_transform, normalize, resize_uint8, train_transform
+from data.crops import eval_transform
+from data.transforms import normalize, resize_uint8, train_transform
 
 SPECS = [
     PreprocessSpec(73, 64, IMAGENET_MEAN, IMAGENET_STD),

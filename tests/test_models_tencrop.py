@@ -71,7 +71,7 @@ def test_ensemble_inside_gives_summed_logits_and_per_member_features(model):
 
 
 def test_wrong_input_size_is_a_clear_error(model):
-    with pytest.raises(ValueError, match=r"expects \[B, 3, 37, 37\] input, got \(1, 3, 40, 40\)"):
+    with pytest.raises(ValueError, match=r"expected resized images \[B, 3, 37, 37\], got \(1, 3, 40, 40\)"):
         TenCropModel(model, SPEC)(torch.zeros(1, 3, 40, 40, dtype=torch.uint8))
 
 

@@ -7,6 +7,7 @@ import torchvision.transforms.functional as TF
 
 import runtime
 from common import accuracy_report
+from common.device import DeviceError
 from data.images import load_rgb
 from data.transforms import resize_uint8
 from runtime.pipeline import resize_on_device, run_files
@@ -117,7 +118,7 @@ def test_clear_errors(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="model not found"):
         runtime.load(tmp_path / "missing.pt")
     if not torch.cuda.is_available():
-        with pytest.raises(runtime.BackendError, match="no CUDA GPU"):
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
             runtime.load(run["checkpoint"], device="cuda")
     predictor = runtime.load(run["checkpoint"], device="cpu")
     images = torch.zeros(2, 3, 37, 37, dtype=torch.uint8)

@@ -22,10 +22,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from common import accuracy_report, atomic_write_json
-from common.device import autocast_dtype, resolve_device
+from common.device import autocast_dtype, default_workers, resolve_device
+from common.errors import ExistingFileError, InputError, MissingFileError
 from data import ImageDataset, collate_skip_bad, eval_transform, train_transform
 from data.folder import scan_folder
-from data.spec import spec_for_crop
 from data.split import load_split, make_split, save_split
 from data import synth
 from models import create_model, default_spec, list_models
@@ -64,17 +64,17 @@ class TrainConfig:
 def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> dict:
     """Train `config.arch`; write best.pt, last.pt, split.json, metrics.csv, curves.png, train.json."""
     if config.arch not in list_models():
-        raise ValueError(f"unknown architecture {config.arch!r}; known: {', '.join(list_models())}")
+        raise InputError(f"unknown architecture {config.arch!r}; known: {', '.join(list_models())}")
     if config.arch == "xception_pretrained" and not config.weights and not config.resume:
-        raise ValueError("xception_pretrained fine-tunes ImageNet weights: pass --weights PATH (a local timm "
+        raise InputError("xception_pretrained fine-tunes ImageNet weights: pass --weights PATH (a local timm "
                          "legacy_xception state_dict; nothing is downloaded)")
     ddp = _init_distributed(config.device)
     rank0 = not ddp or dist.get_rank() == 0
     world_size = dist.get_world_size() if ddp else 1
-    device = _ddp_device() if ddp else resolve_device(config.device)
+    device = _ddp_device() if ddp else torch.device(resolve_device(config.device))
     run_dir = Path(config.out) / (config.name or config.arch)
     if rank0 and not config.resume and (run_dir / "last.pt").exists():
-        raise FileExistsError(f"{run_dir} already holds a run: pass --resume to continue it or --name for a new one")
+        raise ExistingFileError(f"{run_dir} already holds a run: pass --resume to continue it or --name for a new one")
 
     root = config.data or synth.default_data_root(quick=config.quick_data)
     split = _load_or_make_split(root, run_dir, config, rank0, ddp)
@@ -102,7 +102,7 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     amp_dtype = autocast_dtype(device) if config.amp in (None, True) else None
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
+    workers = config.workers if config.workers is not None else default_workers()
     skipped: dict[str, str] = {}
     record = {
         "data": str(Path(root).resolve()), "split": str((run_dir / "split.json").resolve()),
@@ -158,11 +158,10 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
 
 
 def _resolve_spec(config: TrainConfig):
-    base = synth.default_spec(quick=config.quick_data) if config.data is None else default_spec(config.arch)
-    if config.image_size is None and config.norm is None:
-        return base
-    model_norm = "half" if default_spec(config.arch).mean == (0.5, 0.5, 0.5) else "imagenet"
-    return spec_for_crop(config.image_size or base.crop, config.norm or model_norm)
+    """The architecture's preprocessing (models.default_spec), at --image-size (else the embedded set's
+    crop side when training on it) and --norm when given."""
+    crop = config.image_size or (synth.embedded_crop(config.quick_data) if config.data is None else None)
+    return default_spec(config.arch, crop=crop, norm=config.norm)
 
 
 def _load_or_make_split(root, run_dir: Path, config: TrainConfig, rank0: bool, ddp: bool):
@@ -247,7 +246,7 @@ def _validate(model, dataset, config, amp_dtype, device, criterion, workers, ski
 
 def _restore(path: Path, model, optimizer, scheduler, device):
     if not path.exists():
-        raise FileNotFoundError(f"--resume: no {path} to continue from")
+        raise MissingFileError(f"--resume: no {path} to continue from")
     ckpt = torch.load(path, map_location=device, weights_only=True)
     model.load_state_dict(ckpt["state_dict"])
     state = ckpt["extra"]

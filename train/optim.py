@@ -6,6 +6,9 @@ import math
 import torch
 from torch import nn
 
+from common.errors import InputError
+
+
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """SGD (Nesterov, momentum 0.9) or AdamW; no weight decay on BatchNorm and biases."""
@@ -18,7 +21,7 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
-    raise ValueError(f"unknown optimizer {name!r}: use sgd or adamw")
+    raise InputError(f"unknown optimizer {name!r}: use sgd or adamw")
 
 
 def default_lr(optimizer: str, batch_size: int) -> float:

@@ -1,0 +1,94 @@
+"""Crop modes: the one place that says how a resized image becomes crops, and its crops' logits the
+image's logits.
+
+A ``CropMode`` owns, for one value of ``--crops``:
+- its crop boxes on the resized image (``data.geometry``: "10" is exactly torchvision's TenCrop,
+  "1" its centre crop);
+- cutting the normalised crops from a resized uint8 batch (``cut``): normalise the image once, then
+  slice and mirror; only tensor ops, so the in-graph ten crop (models.tencrop) traces to ONNX;
+- reducing per-crop logits to per-image logits (``reduce``: the mean over the crops).
+Every stage (runtime, bench, Grad-CAM, export inputs, the DataLoader transform, the CLI's --crops
+choices) asks ``crop_mode`` for its mode, so a new mode is one more entry in CROP_MODES (a
+subclass when it does not cut crops, e.g. a dense mode that runs the trunk on the whole image).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import Tensor
+
+from common.errors import InputError
+from data.geometry import CropBox, center_crop_box, cut_boxes, ten_crop_boxes
+from data.spec import PreprocessSpec
+from data.transforms import normalize, resize_uint8
+
+
+@dataclass(frozen=True)
+class CropMode:
+    """``name``: the --crops value; ``count``: crops per image; ``description`` for reports."""
+
+    name: str
+    count: int
+    description: str
+
+    def boxes(self, spec: PreprocessSpec) -> list[CropBox]:
+        """The crops' boxes on the resized image, in the order ``cut`` returns them."""
+        if self.count == 10:
+            return ten_crop_boxes(spec.resize, spec.crop)
+        return [center_crop_box(spec.resize, spec.crop)]
+
+    def cut(self, images: Tensor, spec: PreprocessSpec) -> Tensor:
+        """Resized images [B, 3, R, R] (uint8, or float holding 0..255) -> normalised float32 crops
+        [B, n, 3, c, c] in ``boxes`` order (normalising the image once is cheaper than n overlapping crops)."""
+        side = spec.resize
+        if images.dim() != 4 or tuple(images.shape[1:]) != (3, side, side):
+            raise ValueError(f"expected resized images [B, 3, {side}, {side}], got {tuple(images.shape)}")
+        return cut_boxes(normalize(images, spec), self.boxes(spec))
+
+    def reduce(self, logits: Tensor) -> Tensor:
+        """Per-crop logits [B*n, K] (image-major) -> per-image logits [B, K], the mean over the crops."""
+        return logits.reshape(-1, self.count, logits.shape[-1]).mean(dim=1)
+
+    def per_image(self, rows: Tensor) -> Tensor:
+        """Per-crop rows [B*n, ...] -> [B, n, ...]."""
+        return rows.reshape(-1, self.count, *rows.shape[1:])
+
+
+TEN = CropMode("10", 10, "ten crops (torchvision TenCrop), logits averaged")
+CENTRE = CropMode("1", 1, "the centre crop")
+CROP_MODES: dict[str, CropMode] = {mode.name: mode for mode in (TEN, CENTRE)}
+
+
+def crop_mode(crops) -> CropMode:
+    """The mode for a --crops value (10, "10", 1, "1", ...); anything else is an InputError naming the choices."""
+    mode = CROP_MODES.get(str(crops))
+    if mode is None or isinstance(crops, bool):
+        names = sorted(CROP_MODES, key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+        choices = ", ".join(names[:-1]) + " or " + names[-1]
+        raise InputError(f"crops must be {choices}, got {crops!r}")
+    return mode
+
+
+class EvalTransform:
+    """PIL image -> the test-time crops: [3, c, c] for one crop, [n, 3, c, c] for more (normalised float32).
+
+    A class rather than a closure so DataLoader worker processes can pickle it.
+    """
+
+    def __init__(self, spec: PreprocessSpec, crops):
+        self.spec = spec
+        self.mode = crop_mode(crops)
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        crops = self.mode.cut(resize_uint8(img, self.spec).unsqueeze(0), self.spec)[0]
+        return crops[0] if self.mode.count == 1 else crops
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(spec={self.spec}, crops={self.mode.name})"
+
+
+def eval_transform(spec: PreprocessSpec, crops) -> EvalTransform:
+    """crops=1: [3, crop, crop]; crops=10: [10, 3, crop, crop] (TenCrop order), normalised float32."""
+    return EvalTransform(spec, crops)

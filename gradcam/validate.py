@@ -1,0 +1,183 @@
+"""`validate EXPORT`: the held-out split through the reference and the export's ONNX graphs: the
+logit parity gates and the CAM gate (export.parity's tables), with panels of what changed."""
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from common import atomic_write_json
+from data.crops import CENTRE, TEN
+from data.spec import PreprocessSpec
+from data.split import spread_evenly
+from export import load_manifest
+from export.ort import logits_runner
+from export.parity import apply_gates, compare_logits, exported_logits, reference_logits
+from export.pipeline import PARITY_IMAGES
+from gradcam.exported import ExportedCam, cam_gate_report, compare_with_reference_cam, load_reference
+from gradcam.images import INPUT_ERRORS, LoadedImage, check_positive, held_out_samples, image_groups, log, panel_name
+from gradcam.panels import MapView, save_panel
+from gradcam.tencrop import ImageCam, image_cam
+from models.tencrop import TenCropModel
+
+MOST_MOVED = 4  # panels for this many images whose exported map moved most
+MAX_PANELS = 200  # cap on top-1 difference panels per artifact, so a broken export cannot flood the disk
+
+
+@dataclass
+class MovedMap:
+    """An image whose exported map (same class as the reference's) correlates least with the reference."""
+
+    path: str
+    correlation: float
+    peak_distance_px: float
+    class_name: str
+    image: Tensor
+    reference_map: Tensor
+    exported_map: Tensor
+
+    def facts(self, panel: str) -> dict:
+        return {"path": self.path, "correlation": self.correlation, "peak_distance_px": self.peak_distance_px,
+                "class": self.class_name, "panel": panel}
+
+
+@dataclass
+class _ArtifactCheck:
+    """What validate accumulates for one exported graph over the image groups."""
+
+    exported: ExportedCam
+    logits: list = field(default_factory=list)
+    cam_rows: list = field(default_factory=list)
+    differs: list = field(default_factory=list)
+    moved: list = field(default_factory=list)  # heap of (1 - correlation, counter, MovedMap), the MOST_MOVED lowest
+
+
+def validate_export(export_dir, data=None, out=None, limit: int | None = None, progress: bool = True) -> dict:
+    """The held-out test split through the reference and the export's ONNX graphs (ONNX Runtime, CPU).
+
+    Per graph: the numeric parity gates (export.parity, on the inputs the export's parity uses:
+    centre crops, or resized images for an in-graph ten-crop graph), and with cam_output the CAM
+    gate (ten crops). ``limit`` caps the images of the Grad-CAM comparison (the costly part); the
+    parity gates still see at least PARITY_IMAGES images (their 99 % rates need over a hundred to
+    mean anything), or all of the split when it is smaller. Panels for every image whose ten-crop
+    top-1 differs (reference map of the reference's class vs exported map of the export's class; the
+    reference's Grad-CAM of both classes when the export has no CAM) and for the MOST_MOVED images
+    whose maps moved most. The JSON report goes atomically to ``out``/validation.json (default:
+    <export>/validation/).
+    """
+    try:
+        check_positive("limit", limit)
+        manifest = load_manifest(export_dir)
+        reference, meta = load_reference(manifest)
+        spec, classes = PreprocessSpec.from_dict(manifest["spec"]), list(manifest["classes"])
+        samples, origin = held_out_samples(data, classes, meta.get("record"), manifest,
+                                           limit=None if limit is None else max(limit, PARITY_IMAGES))
+        cam_paths = {s.path for s in spread_evenly(samples, limit)}
+        precisions = [a["precision"] for a in manifest["artifacts"] if a["format"] == "onnx"]
+        checks = {p: _ArtifactCheck(ExportedCam(manifest, p)) for p in precisions}
+    except INPUT_ERRORS as exc:
+        return {"ok": False, "error": str(exc)}
+    out = os.fspath(out) if out is not None else os.path.join(manifest["export_dir"], "validation")
+    in_graph = bool(manifest.get("ten_crop_in_graph"))
+    parity_reference = TenCropModel(reference, spec).eval() if in_graph else reference
+
+    log(progress, f"{manifest['name']}: {len(samples)} test images for parity, {len(cam_paths)} of them for "
+                  f"Grad-CAM; graphs {', '.join(precisions)}")
+    reference_chunks, failures, used, counter, cam_images = [], [], set(), 0, 0
+    for group, batch in image_groups(samples, spec, failures, progress, f"validate {manifest['name']}"):
+        parity_input = batch if in_graph else CENTRE.cut(batch, spec)[:, 0]
+        reference_chunks.append(reference_logits(parity_reference, parity_input))
+        for check in checks.values():
+            check.logits.append(exported_logits(logits_runner(check.exported.session), parity_input))
+        picked = [i for i, image in enumerate(group) if image.path in cam_paths]
+        if not picked:
+            continue
+        cam_group, cam_batch = [group[i] for i in picked], batch[picked]
+        cam_images += len(picked)
+        ref_cam = image_cam(reference, cam_batch, spec, crops=TEN.count)
+        for check in checks.values():
+            counter = _compare_group(check, reference, cam_group, cam_batch, spec, ref_cam, classes, out, used, counter)
+
+    if not reference_chunks:
+        return {"ok": False, "error": f"none of the {len(samples)} test images could be read", "failures": failures}
+    expected = np.concatenate(reference_chunks)
+    artifacts, problems = {}, []
+    for precision, check in checks.items():
+        parity = apply_gates(compare_logits(expected, np.concatenate(check.logits)), precision)
+        cam = cam_gate_report(check.cam_rows, precision) if check.cam_rows else None
+        moved = [m for _, _, m in sorted(check.moved, key=lambda entry: entry[:2], reverse=True)]
+        artifacts[precision] = {
+            "file": check.exported.file,
+            "parity": parity,
+            "cam": cam,
+            "top1_differs": check.differs,
+            "moved_most": [m.facts(_moved_panel(m, precision, out, used)) for m in moved],
+        }
+        problems += [f"{precision}: parity gate {name} failed" for name, g in parity["gates"].items() if not g["passed"]]
+        if cam is not None and not cam["passed"]:
+            problems += [f"{precision}: CAM {name} {g['value']:.4f} {'<' if g['op'] == '>=' else '>'} {g['limit']}"
+                         for name, g in cam["gates"].items() if not g["passed"]]
+    report = {
+        "ok": not problems,
+        "export": manifest["name"],
+        "export_dir": manifest["export_dir"],
+        "kind": manifest["kind"],
+        "images": {**origin, "n_images": len(expected), "cam_images": cam_images, "skipped": failures},
+        "parity_input": "resized uint8 image (ten crops in the graph)" if in_graph else "normalised centre crop",
+        "cam_crops": TEN.count,
+        "artifacts": artifacts,
+        "problems": problems,
+        "out": out,
+        "report": os.path.join(out, "validation.json"),
+    }
+    atomic_write_json(report["report"], report)
+    return report
+
+
+def _compare_group(check: _ArtifactCheck, reference: nn.Module, group: list[LoadedImage], batch: Tensor,
+                   spec: PreprocessSpec, ref_cam: ImageCam, classes: list[str], out: str, used: set[str],
+                   counter: int) -> int:
+    """Exported maps and predictions of one group vs the reference's; panels for changed top-1."""
+    exported = check.exported
+    if exported.has_cam:
+        rows, same_class, own = compare_with_reference_cam(exported, batch, ref_cam, TEN.count)
+        check.cam_rows += rows
+        exported_targets, exported_maps = own.targets, own.maps
+        for i, row in enumerate(rows):
+            moved = MovedMap(group[i].path, row["correlation"], row["peak_distance_px"],
+                             classes[int(ref_cam.targets[i])], group[i].resized, ref_cam.maps[i], same_class.maps[i])
+            counter += 1
+            entry = (1.0 - row["correlation"], counter, moved)
+            if len(check.moved) < MOST_MOVED:
+                heapq.heappush(check.moved, entry)
+            else:
+                heapq.heappushpop(check.moved, entry)
+    else:
+        exported_targets, exported_maps = exported.image_logits(batch, TEN.count).argmax(dim=1), None
+    for i in torch.nonzero(exported_targets != ref_cam.targets).flatten().tolist():
+        ref_class, exp_class = int(ref_cam.targets[i]), int(exported_targets[i])
+        entry = {"path": group[i].path, "reference": classes[ref_class], "exported": classes[exp_class]}
+        if len(check.differs) < MAX_PANELS:
+            if exported_maps is not None:
+                exp_view = MapView(f"export {exported.precision} CAM: {classes[exp_class]}", exported_maps[i])
+            else:
+                other = image_cam(reference, batch[i:i + 1], spec, crops=TEN.count, targets=torch.tensor([exp_class]))
+                exp_view = MapView(f"reference Grad-CAM: {classes[exp_class]} (export's class)", other.maps[0])
+            views = [MapView(f"reference Grad-CAM: {classes[ref_class]}", ref_cam.maps[i]), exp_view]
+            name = panel_name(group[i].path, used, f"_{exported.precision}_top1")
+            entry["panel"] = save_panel(os.path.join(out, name), group[i].resized, views,
+                                        title=f"top-1 differs ({exported.precision}): {os.path.basename(group[i].path)}")
+        check.differs.append(entry)
+    return counter
+
+
+def _moved_panel(moved: MovedMap, precision: str, out: str, used: set[str]) -> str:
+    views = [MapView(f"reference Grad-CAM: {moved.class_name}", moved.reference_map),
+             MapView(f"export {precision} CAM: {moved.class_name}", moved.exported_map)]
+    name = panel_name(moved.path, used, f"_{precision}_moved")
+    title = f"r = {moved.correlation:.4f}, peaks {moved.peak_distance_px:.1f} px apart"
+    return save_panel(os.path.join(out, name), moved.image, views, title=title)
