@@ -15,7 +15,7 @@ _ARTIFACT_BACKEND = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
 
 
 @dataclass(frozen=True)
-class Model:
+class BenchTarget:
     """A checkpoint or an export folder.
 
     ``sources`` are the checkpoints whose PyTorch fp32 logits are this model's reference (one for a
@@ -42,7 +42,7 @@ class Model:
 class RowPlan:
     """One predictor configuration to measure."""
 
-    model: Model
+    target: BenchTarget
     backend: str
     precision: str
     variant: str                           # eager | channels_last | compiled | cuda-graphs | onnx | plan (+10crop)
@@ -55,7 +55,7 @@ class RowPlan:
         return self.backend == "torch" and self.precision == "fp32" and self.variant == "eager"
 
 
-def find_models(names: Optional[list[str]], train_dir: str, export_dir: str) -> list[Model]:
+def find_targets(names: Optional[list[str]], train_dir: str, export_dir: str) -> list[BenchTarget]:
     """Checkpoints (``<train_dir>/*/best.pt``) then exports (``<export_dir>/*/manifest.json``).
 
     ``names`` picks some: each is a checkpoint file, a run folder, an export folder, or a bare
@@ -64,13 +64,13 @@ def find_models(names: Optional[list[str]], train_dir: str, export_dir: str) -> 
     if not names:
         checkpoints = sorted(glob.glob(os.path.join(train_dir, "*", "best.pt")))
         exports = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(export_dir, "*", "manifest.json")))
-        models = [checkpoint_model(p) for p in checkpoints] + [export_model(p) for p in exports]
+        models = [checkpoint_target(p) for p in checkpoints] + [export_target(p) for p in exports]
         if not models:
             raise MissingFileError(f"nothing to benchmark: no {os.path.join(train_dir, '*', 'best.pt')} and no "
                                     f"{os.path.join(export_dir, '*', 'manifest.json')}; train and export first, "
                                     "or name a checkpoint or export folder")
         return models
-    models: list[Model] = []
+    models: list[BenchTarget] = []
     for name in names:
         for model in _resolve_name(name, train_dir, export_dir):
             if model.path not in {m.path for m in models}:
@@ -78,24 +78,24 @@ def find_models(names: Optional[list[str]], train_dir: str, export_dir: str) -> 
     return models
 
 
-def _resolve_name(name: str, train_dir: str, export_dir: str) -> list[Model]:
+def _resolve_name(name: str, train_dir: str, export_dir: str) -> list[BenchTarget]:
     name = os.fspath(name)
     if os.path.isfile(name):
         if os.path.basename(name) == "manifest.json":
-            return [export_model(os.path.dirname(name))]
-        return [checkpoint_model(name)]
+            return [export_target(os.path.dirname(name))]
+        return [checkpoint_target(name)]
     if os.path.isdir(name):
         if os.path.isfile(os.path.join(name, "manifest.json")):
-            return [export_model(name)]
+            return [export_target(name)]
         if os.path.isfile(os.path.join(name, "best.pt")):
-            return [checkpoint_model(os.path.join(name, "best.pt"))]
+            return [checkpoint_target(os.path.join(name, "best.pt"))]
         raise MissingFileError(f"{name}: neither an export folder (no manifest.json) nor a training run (no best.pt)")
     found = []
     checkpoint = os.path.join(train_dir, name, "best.pt")
     if os.path.isfile(checkpoint):
-        found.append(checkpoint_model(checkpoint))
+        found.append(checkpoint_target(checkpoint))
     if os.path.isfile(os.path.join(export_dir, name, "manifest.json")):
-        found.append(export_model(os.path.join(export_dir, name)))
+        found.append(export_target(os.path.join(export_dir, name)))
     if not found:
         known = sorted({os.path.basename(os.path.dirname(p)) for p in
                         glob.glob(os.path.join(train_dir, "*", "best.pt"))
@@ -105,15 +105,15 @@ def _resolve_name(name: str, train_dir: str, export_dir: str) -> list[Model]:
     return found
 
 
-def checkpoint_model(path: str) -> Model:
+def checkpoint_target(path: str) -> BenchTarget:
     path = os.path.abspath(path)
     run = os.path.basename(os.path.dirname(path))
     stem = os.path.splitext(os.path.basename(path))[0]
     name = run if stem == "best" else f"{run}/{stem}"
-    return Model(name=name, path=path, kind="checkpoint", sources=(path,))
+    return BenchTarget(name=name, path=path, kind="checkpoint", sources=(path,))
 
 
-def export_model(folder: str) -> Model:
+def export_target(folder: str) -> BenchTarget:
     """An export folder, its manifest verified (hashes) by export.load_manifest."""
     import export
 
@@ -128,11 +128,11 @@ def export_model(folder: str) -> Model:
         else:
             sources.append(os.path.abspath(path))
     name = manifest.get("name") or os.path.basename(os.path.abspath(folder))
-    return Model(name=name, path=manifest["export_dir"], kind=manifest["kind"], sources=tuple(sources),
+    return BenchTarget(name=name, path=manifest["export_dir"], kind=manifest["kind"], sources=tuple(sources),
                  missing_sources=tuple(missing), manifest=manifest)
 
 
-def plan_rows(models: list[Model], device: str, *, backends=None, precisions=None,
+def plan_rows(models: list[BenchTarget], device: str, *, backends=None, precisions=None,
               compile: bool = False) -> tuple[list[RowPlan], list[str]]:
     """Every (model, backend, precision, variant) available on ``device``; also the reasons for skips."""
     backends = _check_choices("backend", backends, BACKENDS)
@@ -150,7 +150,7 @@ def plan_rows(models: list[Model], device: str, *, backends=None, precisions=Non
     return rows, skipped
 
 
-def grouped(models: list[Model]) -> list[Model]:
+def grouped(models: list[BenchTarget]) -> list[BenchTarget]:
     """Each checkpoint followed by the exports of it, then ensembles and exports without their checkpoint."""
     ordered = []
     for model in models:
@@ -169,7 +169,7 @@ def _check_choices(what: str, chosen, allowed: tuple) -> tuple:
     return tuple(chosen)
 
 
-def _torch_rows(model: Model, device: str, compile: bool) -> list[RowPlan]:
+def _torch_rows(model: BenchTarget, device: str, compile: bool) -> list[RowPlan]:
     """Eager fp32 (the reference), then the fast half precision of the device in channels_last."""
     half = "fp16" if device.startswith("cuda") else "bf16"
     rows = [RowPlan(model, "torch", "fp32", "eager"),
@@ -182,7 +182,7 @@ def _torch_rows(model: Model, device: str, compile: bool) -> list[RowPlan]:
     return rows
 
 
-def _export_rows(model: Model, device: str, skipped: list[str]) -> list[RowPlan]:
+def _export_rows(model: BenchTarget, device: str, skipped: list[str]) -> list[RowPlan]:
     suffix = "+10crop" if model.manifest.get("ten_crop_in_graph") else ""
     rows = []
     for artifact in model.manifest["artifacts"]:

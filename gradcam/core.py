@@ -1,8 +1,9 @@
 """Class activation maps on the PyTorch reference model.
 
 One base class does the plumbing (forward through ``forward_features`` / ``forward_head``, one
-target per image, the weighted channel sum and its ReLU); a method overrides only
-``channel_weights``:
+target per image, the weighted channel sum and its ReLU); a method says two things:
+``channel_weights`` (how channels are weighed) and ``logit_unit_scale`` (what puts its maps in logit
+units, below), plus ``needs_gradients`` when its weights come from autograd:
 
 - ``GradCAM`` (Selvaraju et al.): the weight of channel k is the spatial mean of
   d logit_c / d A_k, where A is the map that enters global average pooling and logit_c the RAW
@@ -65,7 +66,7 @@ def weighted_channel_sum(features: Tensor, weights: Tensor) -> Tensor:
 
 
 class BaseCAM:
-    """Plumbing shared by the CAM methods; subclasses implement ``channel_weights``.
+    """Plumbing shared by the CAM methods; subclasses implement ``channel_weights`` and ``logit_unit_scale``.
 
     ``model`` has ``forward_features(x)`` (a [B, C, h, w] map, or a list of them for an
     Ensemble) and ``forward_head(features) -> [B, K]``. It is put in eval mode and must be fp32:

@@ -13,7 +13,7 @@ import runtime
 from bench import render_table, run_bench
 from bench.report import CSV_COLUMNS
 from bench.run import _Session
-from bench.targets import Model, export_model, find_models, plan_rows
+from bench.targets import BenchTarget, export_target, find_targets, plan_rows
 from common import accuracy_report
 from data.folder import scan_folder
 from data.images import load_rgb
@@ -134,7 +134,7 @@ def test_run_bench_rows_files_and_compare(workspace):
 
 def test_default_plan_has_the_reference_its_fast_variant_and_every_artifact(workspace):
     root = workspace["root"]
-    models = find_models(None, str(root / "train"), str(root / "export"))
+    models = find_targets(None, str(root / "train"), str(root / "export"))
     assert [m.kind for m in models] == ["checkpoint", "single"]
     rows, skipped = plan_rows(models, "cpu")
     assert [(r.backend, r.precision, r.variant) for r in rows] == [
@@ -142,9 +142,9 @@ def test_default_plan_has_the_reference_its_fast_variant_and_every_artifact(work
         ("onnxruntime", "fp32", "onnx"), ("onnxruntime", "fp16", "onnx")]
     assert rows[0].is_baseline and not rows[1].is_baseline and skipped == []
     # A bare name finds both the run and the export of that name.
-    assert [m.kind for m in find_models(["tiny"], str(root / "train"), str(root / "export"))] == ["checkpoint", "single"]
+    assert [m.kind for m in find_targets(["tiny"], str(root / "train"), str(root / "export"))] == ["checkpoint", "single"]
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
-        find_models(["nothing"], str(root / "train"), str(root / "export"))
+        find_targets(["nothing"], str(root / "train"), str(root / "export"))
     with pytest.raises(ValueError, match="unknown backend"):
         plan_rows(models, "cpu", backends=["tflite"])
 
@@ -154,12 +154,12 @@ def test_ensemble_reference_is_the_sum_of_its_members_logits(workspace, tmp_path
     first = str(root / "train" / "tiny" / "best.pt")
     second = str(tmp_path / "other" / "best.pt")
     _checkpoint(second, workspace["split"], workspace["classes"], seed=1)
-    ensemble = Model(
+    ensemble = BenchTarget(
         name="pair", path=str(tmp_path), kind="ensemble", sources=(first, second),
         manifest={"spec": spec_for_crop(CROP).to_dict(), "classes": workspace["classes"], "artifacts": []})
     session = _Session("cpu", 2, None, None, dict(iters=1, seconds=None, warmup=0), None, None, False)
-    evalset = session.eval_set(ensemble)
-    reference, description = session.reference(ensemble, evalset)
+    evalset = session.scores.eval_set(ensemble)
+    reference, description = session.scores.reference(ensemble, evalset)
     images = evalset.images(spec_for_crop(CROP))
     members = [runtime.load(p, backend="torch", precision="fp32").logits_from_images(images).numpy()
                for p in (first, second)]
@@ -181,7 +181,7 @@ def test_export_whose_checkpoint_is_gone_is_checked_against_its_fp32_graph(works
     manifest["sources"][0]["path"] = str(tmp_path / "deleted.pt")
     with open(copy / "manifest.json", "w", encoding="utf-8") as f:
         json.dump(manifest, f)
-    model = export_model(str(copy))
+    model = export_target(str(copy))
     assert model.sources == () and "no longer exists" in model.missing_sources[0]
     result = run_bench([str(copy)], batch=2, iters=1, warmup=0, data=workspace["root"] / "data",
                        precisions=["fp32"], out=str(tmp_path / "b.json"), progress=False)

@@ -1,0 +1,57 @@
+"""What a row's speed means in FLOPs: each target's FLOPs per image and the device's measured peaks."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import torch
+
+from bench.peak import peak_flops
+from bench.targets import BenchTarget
+from common.device import ieee_fp32
+from data.crops import TEN
+from models.checkpoint import load_checkpoint
+from models.complexity import model_flops
+
+
+class Costs:
+    """FLOP counts (per checkpoint) and matmul peaks (per precision), each measured once per run."""
+
+    def __init__(self, device: str, progress: bool):
+        self.device = device
+        self.progress = progress
+        self.peaks: dict[str, dict] = {}
+        self._flops: dict[str, Optional[int]] = {}
+
+    def row_fields(self, target: BenchTarget, precision: str, images_per_s: float) -> dict:
+        per_image = self.flops_per_image(target)
+        peak = self.peak(precision)
+        achieved = None if per_image is None else per_image * images_per_s
+        return {
+            "flops_per_image": per_image,
+            "achieved_flops_per_s": achieved,
+            "peak_flops_per_s": peak["flops"],
+            "peak_precision": precision,
+            "peak_fraction": achieved / peak["flops"] if achieved is not None and peak["flops"] else None,
+        }
+
+    def flops_per_image(self, target: BenchTarget) -> Optional[int]:
+        """Ten x forward FLOPs of one crop, summed over an ensemble's members; None without checkpoints."""
+        if not target.sources or target.missing_sources:
+            return None
+        total = 0
+        for source in target.sources:
+            if source not in self._flops:
+                network, meta = load_checkpoint(source)
+                self._flops[source] = model_flops(network, meta["spec"]["crop"])
+            total += self._flops[source]
+        return TEN.count * total
+
+    def peak(self, precision: str) -> dict:
+        """The fp32 peak is measured like the fp32 reference runs: IEEE fp32 (TF32 off)."""
+        if precision not in self.peaks:
+            if self.progress:
+                print(f"[bench] measuring the {precision} matmul peak on {self.device}", file=sys.stderr, flush=True)
+            with ieee_fp32():
+                self.peaks[precision] = peak_flops(precision, torch.device(self.device))
+        return self.peaks[precision]

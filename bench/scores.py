@@ -1,0 +1,113 @@
+"""Scoring bench rows: each target's held-out images, its fp32 reference logits, and a row's top-1/top-5
+and agreement with that reference on exactly the same images."""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+import numpy as np
+
+import runtime
+from bench.evalset import EvalSet, find_held_out, load_evalset
+from bench.modes import eval_logits
+from bench.targets import BenchTarget, backend_problem
+from common import accuracy_report
+
+
+class Scores:
+    """The eval sets (one per held-out split, shared by the targets that use it) and the reference
+    logits on them, computed once per run."""
+
+    def __init__(self, device: str, batch: int, data, eval_limit: Optional[int], threads: Optional[int],
+                 progress: bool):
+        self.device = device
+        self.batch = batch
+        self.data = data
+        self.eval_limit = eval_limit
+        self.threads = threads
+        self.progress = progress
+        self._eval_sets: dict[Optional[str], EvalSet] = {}
+        self._eval_keys: dict[str, Optional[str]] = {}
+        self._source_logits: dict[tuple, np.ndarray] = {}
+        self._references: dict[tuple, tuple[Optional[np.ndarray], str]] = {}
+
+    def _log(self, message: str) -> None:
+        if self.progress:
+            print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+    def eval_set(self, target: BenchTarget) -> EvalSet:
+        if target.path not in self._eval_keys:
+            held, why_none = find_held_out(target, self.data)
+            key = held.path if held is not None else None
+            self._eval_keys[target.path] = key
+            if key not in self._eval_sets:
+                self._eval_sets[key] = load_evalset(held, why_none, self.eval_limit)
+        return self._eval_sets[self._eval_keys[target.path]]
+
+    def remember_baseline(self, target: BenchTarget, evalset: EvalSet, logits: np.ndarray) -> None:
+        """A checkpoint's eager fp32 row computed the reference logits already: keep them."""
+        self._source_logits[(target.path, self._evalset_key(evalset))] = logits
+
+    def score(self, target: BenchTarget, predictor, evalset: EvalSet, logits, positions) -> dict:
+        """Top-1/top-5 against the labels and top-1 agreement against the reference, same images."""
+        scores = {"eval_images": None, "top1": None, "top5": None, "agreement_top1": None, "reference": None}
+        if logits is None:
+            scores["reference"] = f"none: {evalset.description}"
+            return scores
+        index = np.arange(len(logits)) if positions is None else np.asarray(positions, dtype=np.int64)
+        scores["eval_images"] = int(len(logits))
+        labels = evalset.labels_for(predictor.classes)
+        if labels is not None:
+            accuracy = accuracy_report(logits, labels[index], num_classes=len(predictor.classes))
+            scores["top1"], scores["top5"] = accuracy["top1"], accuracy["top5"]
+        reference, description = self.reference(target, evalset)
+        scores["reference"] = description
+        if reference is not None:
+            agree = np.argmax(logits, axis=1) == np.argmax(reference[index], axis=1)
+            scores["agreement_top1"] = float(100 * agree.mean())
+        return scores
+
+    def reference(self, target: BenchTarget, evalset: EvalSet) -> tuple[Optional[np.ndarray], str]:
+        """The fp32 reference logits of ``target`` on ``evalset`` and what they are."""
+        key = (target.reference_key, id(evalset))
+        if key not in self._references:
+            self._references[key] = self._compute_reference(target, evalset)
+        return self._references[key]
+
+    def _compute_reference(self, target: BenchTarget, evalset: EvalSet) -> tuple[Optional[np.ndarray], str]:
+        if target.sources and not target.missing_sources:
+            logits = sum(self._torch_fp32_logits(source, evalset) for source in target.sources)
+            what = "torch fp32 eager" if len(target.sources) == 1 else "sum of the members' torch fp32 logits"
+            return logits, what
+        if target.manifest is None:
+            return None, "none"
+        why = "; ".join(target.missing_sources) or "no source checkpoints listed"
+        if not any(a["format"] == "onnx" and a["precision"] == "fp32" for a in target.manifest["artifacts"]):
+            return None, f"none (no fp32 ONNX graph, and {why})"
+        device = self.device if backend_problem("onnxruntime", self.device) is None else "cpu"
+        self._log(f"{target.name}: reference from its fp32 ONNX graph on {device} ({why})")
+        predictor = runtime.load(target.path, backend="onnxruntime", device=device, precision="fp32",
+                                 threads=self.threads)
+        return eval_logits(predictor, evalset.images(predictor.spec), self.batch), f"fp32 ONNX on {device} ({why})"
+
+    def _torch_fp32_logits(self, checkpoint: str, evalset: EvalSet) -> np.ndarray:
+        key = (checkpoint, self._evalset_key(evalset))
+        if key not in self._source_logits:
+            self._log(f"reference logits of {checkpoint} (torch fp32 eager on {self.device})")
+            predictor = runtime.load(checkpoint, backend="torch", device=self.device, precision="fp32",
+                                     threads=self.threads)
+            self._source_logits[key] = eval_logits(predictor, evalset.images(predictor.spec), self.batch)
+        return self._source_logits[key]
+
+    def _evalset_key(self, evalset: EvalSet) -> Optional[str]:
+        return next(k for k, v in self._eval_sets.items() if v is evalset)
+
+    def describe_eval_sets(self) -> list[dict]:
+        return [{"source": key, "description": s.description, "images": len(s.paths) if s.has_files else 0,
+                 "test_images": s.total, "skipped": [{"path": p, "error": e} for p, e in s.skipped]}
+                for key, s in self._eval_sets.items()]
+
+    def eval_note(self) -> str:
+        notes = [f"{len(s.paths)} of {s.total} images of the {s.description}" if s.has_files else s.description
+                 for s in self._eval_sets.values()]
+        return "; ".join(notes) or "n/a"
