@@ -107,8 +107,7 @@ def measure(
     interval between consecutive synchronised completions, so ``step`` may also be ``next`` of a
     pipelined iterator: then an iteration is the time between two batches leaving the pipeline.
     """
-    if warmup < 0:
-        raise InputError(f"warmup must be >= 0, got {warmup}")
+    check_warmup(warmup)
     budget = Budget(iters, seconds, min_iters)
     sync = synchronizer(device)
     for _ in range(warmup):
@@ -125,13 +124,18 @@ def measure(
     return Measurement(times, warmup)
 
 
+def check_warmup(warmup: int) -> None:
+    if warmup < 0:
+        raise InputError(f"warmup must be >= 0, got {warmup}")
+
+
 class Budget:
     """When to stop timing: after ``iters`` iterations, or once ``seconds`` (default 5 s) are timed
     and at least ``min_iters`` ran."""
 
     def __init__(self, iters: Optional[int] = None, seconds: Optional[float] = None, min_iters: int = MIN_ITERS):
         if iters is not None and seconds is not None:
-            raise InputError("give either iters or seconds, not both")
+            raise InputError("give either iters or seconds (--iters, --seconds), not both")
         if iters is not None and iters < 1:
             raise InputError(f"iters must be >= 1, got {iters}")
         if seconds is not None and seconds <= 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ import runtime
 from bench import report
 from bench.costs import Costs
 from bench.evalset import EvalSet
-from bench.harness import CV_WARN, DEFAULT_SECONDS, release_memory
+from bench.harness import CV_WARN, DEFAULT_SECONDS, Budget, check_warmup, release_memory
 from bench.machine import PeakMemory, load_average, machine_info
 from bench.modes import cycled, eval_logits, host_preprocess_cost, measure_compute, measure_end_to_end
 from bench.scores import Scores
@@ -62,8 +63,8 @@ def run_bench(models: Optional[list[str]] = None, *, batch: int = 64, backends: 
                          + (": " + "; ".join(skipped) if skipped else ""))
     modes = ["compute", "end-to-end"] if mode == "both" else [mode]
     load_at_start = load_average()
-    session = _Session(resolved, batch, data, eval_images, dict(iters=iters, seconds=seconds, warmup=warmup),
-                       threads, workers, progress)
+    session = _Session(resolved, batch, dict(iters=iters, seconds=seconds, warmup=warmup), threads, workers, progress,
+                       Scores(resolved, batch, data, eval_images, threads, progress), Costs(resolved, progress))
     session.log(f"{len(plans)} configuration(s) x {len(modes)} mode(s) on {resolved}, batch {batch} images x {CROPS} crops")
     measured = [(plan, row) for plan in plans for row in session.measure(plan, modes)]
     add_speedups(measured)
@@ -99,31 +100,25 @@ def _check_arguments(batch, mode, seconds, iters, warmup, eval_images) -> None:
         raise InputError(f"batch must be a positive number of images, got {batch!r}")
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if seconds is not None and iters is not None:
-        raise InputError("give --seconds or --iters, not both")
-    if iters is not None and iters < 1:
-        raise InputError(f"iters must be at least 1, got {iters}")
-    if seconds is not None and seconds <= 0:
-        raise InputError(f"seconds must be positive, got {seconds}")
-    if warmup < 0:
-        raise InputError(f"warmup must be >= 0, got {warmup}")
+    Budget(iters, seconds)  # checks them before any model loads
+    check_warmup(warmup)
     if eval_images is not None and eval_images < 1:
         raise InputError(f"eval_images must be positive (or None for the whole test split), got {eval_images}")
 
 
+@dataclass
 class _Session:
     """One bench run: loads each planned predictor, times it in each mode and assembles its rows."""
 
-    def __init__(self, device: str, batch: int, data, eval_images, timing: dict, threads, workers, progress: bool):
-        self.device = device
-        self.batch = batch
-        self.timing = timing
-        self.threads = threads
-        self.workers = workers
-        self.progress = progress
-        self.scores = Scores(device, batch, data, eval_images, threads, progress)
-        self.costs = Costs(device, progress)
-        self._compute_p50_s: dict[RowPlan, float] = {}
+    device: str
+    batch: int
+    timing: dict                     # iters, seconds, warmup for bench.harness
+    threads: Optional[int]
+    workers: Optional[int]
+    progress: bool
+    scores: Scores
+    costs: Costs
+    _compute_p50_s: dict = field(default_factory=dict)  # RowPlan -> its compute row's p50, sizes end-to-end runs
 
     def log(self, message: str) -> None:
         if self.progress:

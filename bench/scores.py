@@ -3,6 +3,7 @@ and agreement with that reference on exactly the same images."""
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -14,22 +15,21 @@ from bench.targets import BenchTarget, backend_problem
 from common import accuracy_report
 
 
+@dataclass
 class Scores:
     """The eval sets (one per held-out split, shared by the targets that use it) and the reference
     logits on them, computed once per run."""
 
-    def __init__(self, device: str, batch: int, data, eval_limit: Optional[int], threads: Optional[int],
-                 progress: bool):
-        self.device = device
-        self.batch = batch
-        self.data = data
-        self.eval_limit = eval_limit
-        self.threads = threads
-        self.progress = progress
-        self._eval_sets: dict[Optional[str], EvalSet] = {}
-        self._eval_keys: dict[str, Optional[str]] = {}
-        self._source_logits: dict[tuple, np.ndarray] = {}
-        self._references: dict[tuple, tuple[Optional[np.ndarray], str]] = {}
+    device: str
+    batch: int
+    data: object                     # --data: a folder or split.json, or None (each target's own split)
+    eval_limit: Optional[int]
+    threads: Optional[int]
+    progress: bool
+    _eval_sets: dict = field(default_factory=dict)       # held-out split path (None: no split) -> EvalSet
+    _eval_keys: dict = field(default_factory=dict)       # target path -> key of _eval_sets
+    _source_logits: dict = field(default_factory=dict)   # (checkpoint, eval-set key) -> torch fp32 logits
+    _references: dict = field(default_factory=dict)      # (reference key, eval set id) -> (logits, description)
 
     def _log(self, message: str) -> None:
         if self.progress:

@@ -12,7 +12,9 @@ import export
 import runtime
 from bench import render_table, run_bench
 from bench.report import CSV_COLUMNS
+from bench.costs import Costs
 from bench.run import _Session
+from bench.scores import Scores
 from bench.targets import BenchTarget, export_target, find_targets, plan_rows
 from common import accuracy_report
 from data.folder import scan_folder
@@ -157,7 +159,8 @@ def test_ensemble_reference_is_the_sum_of_its_members_logits(workspace, tmp_path
     ensemble = BenchTarget(
         name="pair", path=str(tmp_path), kind="ensemble", sources=(first, second),
         manifest={"spec": spec_for_crop(CROP).to_dict(), "classes": workspace["classes"], "artifacts": []})
-    session = _Session("cpu", 2, None, None, dict(iters=1, seconds=None, warmup=0), None, None, False)
+    session = _Session("cpu", 2, dict(iters=1, seconds=None, warmup=0), None, None, False,
+                       Scores("cpu", 2, None, None, None, False), Costs("cpu", False))
     evalset = session.scores.eval_set(ensemble)
     reference, description = session.scores.reference(ensemble, evalset)
     images = evalset.images(spec_for_crop(CROP))
