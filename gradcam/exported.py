@@ -22,7 +22,7 @@ from common.errors import InputError
 from data.spec import PreprocessSpec
 from export import ExportError, artifact_path, load_cam_weights, make_ort_session
 from gradcam.core import CamResult, weighted_channel_sum
-from data.crops import crop_mode
+from data.crops import TEN, crop_mode
 from export.parity import CAM_GATES, apply_gates
 from gradcam.tencrop import ImageCam, crops_to_image, image_cam, peak, per_crop_targets
 from models.checkpoint import load_checkpoint
@@ -79,7 +79,7 @@ class ExportedCam:
             crop_logits = torch.from_numpy(np.asarray(out[0], dtype=np.float32))
             if self.ten_crop_in_graph:
                 # The graph already averaged its crops' logits; CAM needs only its per-crop features.
-                crop_logits = crop_logits.repeat_interleave(10, dim=0)
+                crop_logits = crop_logits.repeat_interleave(TEN.count, dim=0)
             logits.append(crop_logits)
             for member, array in enumerate(out[1:]):
                 array = torch.from_numpy(np.asarray(array, dtype=np.float32))

@@ -48,3 +48,18 @@ def test_every_held_out_data_option_says_the_same():
     assert set(helps) == {"eval", "export", "validate", "bench", "gradcam"}
     assert len(set(helps.values())) == 1, helps
     assert "seed-0 split" in helps["eval"] and "test part" in helps["eval"]
+
+
+def test_the_cnnbench_console_command_is_this_cli(monkeypatch, capsys):
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, function = scripts["cnnbench"].split(":")
+    entry = getattr(importlib.import_module(module), function)
+    assert entry is cli.main
+    monkeypatch.setattr(sys, "argv", ["cnnbench", "--help"])
+    entry()  # click's --help returns normally under standalone_mode=False
+    out = capsys.readouterr().out
+    assert out.startswith("Usage: ") and "[OPTIONS] COMMAND" in out and "validate" in out and "bench" in out
