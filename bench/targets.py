@@ -67,8 +67,8 @@ def find_targets(names: Optional[list[str]], train_dir: str, export_dir: str) ->
         models = [checkpoint_target(p) for p in checkpoints] + [export_target(p) for p in exports]
         if not models:
             raise MissingFileError(f"nothing to benchmark: no {os.path.join(train_dir, '*', 'best.pt')} and no "
-                                    f"{os.path.join(export_dir, '*', 'manifest.json')}; train and export first, "
-                                    "or name a checkpoint or export folder")
+                                   f"{os.path.join(export_dir, '*', 'manifest.json')}; train and export first, "
+                                   "or name a checkpoint or export folder")
         return models
     models: list[BenchTarget] = []
     for name in names:
@@ -101,7 +101,7 @@ def _resolve_name(name: str, train_dir: str, export_dir: str) -> list[BenchTarge
                         glob.glob(os.path.join(train_dir, "*", "best.pt"))
                         + glob.glob(os.path.join(export_dir, "*", "manifest.json"))})
         raise MissingFileError(f"{name}: no such checkpoint, run or export (looked in {train_dir} and {export_dir}; "
-                                f"known: {', '.join(known) or 'none'})")
+                               f"known: {', '.join(known) or 'none'})")
     return found
 
 

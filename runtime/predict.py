@@ -93,7 +93,7 @@ def newest_checkpoint(runs: str = TRAIN_RUNS) -> str:
     candidates = glob.glob(os.path.join(runs, "*", "best.pt"))
     if not candidates:
         raise MissingFileError(f"no trained model found ({runs}/*/best.pt); train one first "
-                                "(`python cli.py train`) or pass --model")
+                               "(`python cli.py train`) or pass --model")
     return max(candidates, key=os.path.getmtime)
 
 
