@@ -53,7 +53,7 @@ def cuda_provider_problem(device_index: int = 0) -> str | None:
     value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
     probe = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [value],
                                                 [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]),
-                              opset_imports=[helper.make_opsetid("", 17)])
+                              opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # what any onnxruntime reads
     try:
         session = ort.InferenceSession(probe.SerializeToString(), providers=[
             ("CUDAExecutionProvider", cuda_provider_options(device_index)), "CPUExecutionProvider"])

@@ -17,6 +17,7 @@ waits on, so nothing synchronises the host inside a call: the caller's copy of t
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -162,9 +163,18 @@ def aligned(tensor: Tensor) -> Tensor:
     """``tensor`` contiguous and starting on a 256-byte boundary, copied only when it is not (a view into
     a larger batch, as torch.split makes, starts wherever its first row does)."""
     tensor = tensor.contiguous()
-    if tensor.data_ptr() % ADDRESS_ALIGNMENT:
-        tensor = tensor.clone()  # a fresh allocation: torch's CUDA allocator aligns blocks to 512 bytes
-    return tensor
+    if tensor.data_ptr() % ADDRESS_ALIGNMENT == 0:
+        return tensor
+    return empty_aligned(tensor.shape, tensor.dtype, tensor.device).copy_(tensor)
+
+
+def empty_aligned(shape, dtype: torch.dtype, device) -> Tensor:
+    """An uninitialised tensor starting on a 256-byte boundary, whatever alignment the allocator gives
+    (torch's CUDA allocator gives 512 bytes, its CPU one 64): over-allocate and start at the first one."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buffer = torch.empty(nbytes + ADDRESS_ALIGNMENT, dtype=torch.uint8, device=device)
+    start = -buffer.data_ptr() % ADDRESS_ALIGNMENT
+    return buffer[start:start + nbytes].view(dtype).view(tuple(shape))
 
 
 class TensorRTEngine:
@@ -220,7 +230,7 @@ class TensorRTEngine:
         outputs = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=device)
+            outputs[name] = empty_aligned(shape, self.dtypes[name], device)
             self._set_address(name, outputs[name])
         return outputs, bound
 

@@ -79,8 +79,10 @@ def _type_name(elem_type: int) -> str:
 
 def _graph_facts(model: onnx.ModelProto) -> tuple[dict[str, int], dict[str, object]]:
     """(element type of every tensor whose type is known, constant tensor name -> numpy value)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
+    try:
+        graph = onnx.shape_inference.infer_shapes(model).graph
+    except onnx.shape_inference.InferenceError:  # e.g. a custom-domain node: judge the declared types only
+        graph = model.graph
     types = {v.name: v.type.tensor_type.elem_type
              for v in (*graph.value_info, *graph.input, *graph.output) if v.type.HasField("tensor_type")}
     constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
