@@ -24,7 +24,7 @@ from data.spec import spec_for_crop
 from data.transforms import normalize
 from export import ExportError, export_checkpoints, export_onnx
 from export.int8 import quantize_int8
-from export.ort import cuda_provider_options, cuda_provider_problem, make_ort_session
+from export.ort import cuda_provider_problem, make_ort_session
 from export.tensorrt import TensorRTEngine, TensorRTError, aligned, build_tensorrt_engine, torch_dtype
 from export.trt_support import TensorRTSupportError, tensorrt_findings
 from models import create_model
@@ -93,22 +93,21 @@ class _FakeTensorRT(types.ModuleType):
 
 
 @pytest.mark.skipif(REAL_TENSORRT, reason="the real TensorRT is installed: test_export_tensorrt builds real engines")
-@pytest.mark.parametrize("tf32", [False, True])
-def test_engines_are_built_without_tf32_unless_asked(tmp_path, monkeypatch, tf32):
+def test_engines_are_built_without_tf32(tmp_path, monkeypatch):
     fake = _FakeTensorRT()
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(trt_module, "tensorrt_status", lambda: (True, ""))
     built = build_tensorrt_engine("m.onnx", tmp_path / "m.plan", input_name="input", min_shape=(1, 3, 8, 8),
                                   opt_shape=(4, 3, 8, 8), max_shape=(4, 3, 8, 8),
-                                  timing_cache_path=tmp_path / "t.cache", tf32=tf32)
+                                  timing_cache_path=tmp_path / "t.cache")
     assert fake.calls == [
         ("Logger", "WARNING"), ("Builder", ANY), ("create_network", 1 << 5), ("OnnxParser", "network", ANY),
         ("parse_from_file", "m.onnx"), ("create_builder_config",), ("set_memory_pool_limit", "WORKSPACE", 4 << 30),
-        *([] if tf32 else [("clear_flag", "TF32")]),  # TensorRT enables TF32 unless it is cleared
+        ("clear_flag", "TF32"),  # TensorRT enables TF32 unless it is cleared
         ("create_optimization_profile",), ("set_shape", "input", (1, 3, 8, 8), (4, 3, 8, 8), (4, 3, 8, 8)),
         ("add_optimization_profile", ANY), ("create_timing_cache", b""), ("set_timing_cache", ANY, ("ignore_mismatch", False)),
         ("build_serialized_network", "network", ANY), ("get_timing_cache",), ("serialize",)]
-    assert built["tf32"] is tf32 and (tmp_path / "m.plan").read_bytes() == b"plan"
+    assert built["file"] == "m.plan" and (tmp_path / "m.plan").read_bytes() == b"plan"
 
 
 # --- Running an engine: shapes, addresses, alignment, types, streams -----------------------------
@@ -293,10 +292,6 @@ def session_spy(monkeypatch):
     cuda_provider_problem.cache_clear()
     yield created
     cuda_provider_problem.cache_clear()
-
-
-def test_cuda_provider_options_select_the_gpu_and_turn_tf32_off():
-    assert cuda_provider_options(1) == {"device_id": "1", "use_tf32": "0"}
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" not in onnxruntime.get_available_providers(),
