@@ -1,6 +1,8 @@
 """Train transform, the test-time resize and normalisation (the test-time crops: data.crops)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -42,6 +44,20 @@ def normalize(x: Tensor, spec: PreprocessSpec) -> Tensor:
     """
     if x.dim() < 3 or x.shape[-3] != 3:
         raise ValueError(f"normalize expects [..., 3, H, W], got shape {tuple(x.shape)}")
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    if x.device.type != "cpu" and type(x) is Tensor and not torch.compiler.is_compiling():
+        mean, std = _device_constants(tuple(spec.mean), tuple(spec.std), x.device)
+    else:  # on the CPU they cost nothing; while tracing they must be the trace's own constants
+        mean, std = _constants(spec.mean, spec.std, x.device)
     return (x.to(torch.float32) / 255.0 - mean) / std
+
+
+def _constants(mean, std, device) -> tuple[Tensor, Tensor]:
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1))
+
+
+@functools.lru_cache(maxsize=16)
+def _device_constants(mean: tuple, std: tuple, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The constants on a GPU, built once per device: a host-to-device copy per batch would stall the stream."""
+    return _constants(mean, std, device)
+

@@ -19,6 +19,10 @@ Choices, and why:
   3x faster here. Asymmetric ranges also let the quantiser drop each ReLU into the Quantize after it.
   "int8-symmetric" (zero point 0) for TensorRT, which accepts nothing else; the export builds
   TensorRT's int8 engine from such a sibling graph, calibrated on the same images;
+- biases: ONNX Runtime's quantiser stores each Conv bias as int32 behind a DequantizeLinear by default,
+  which its integer kernels take; TensorRT's parser dequantises only INT8/FP8/INT4, so the TensorRT
+  sibling keeps its biases in float (TensorRT folds them into its int8 convolutions itself). The
+  sibling is checked against TensorRT's parser rules (export/trt_support.py) before any build;
 - calibration ranges are min/max over the TRAINING images of the checkpoint's split, cut exactly as
   at inference (ten normalised crops per image, or the resized uint8 image for an in-graph ten-crop
   graph). The test images are never seen: they are what the parity gate and the bench score on;
@@ -145,6 +149,7 @@ def quantize_int8(fp32_path, out_path, calibration: Tensor, *, io: dict,
             extra_options={
                 "ActivationSymmetric": activations == "int8-symmetric",
                 "WeightSymmetric": True,
+                "QuantizeBias": activations == "uint8",
             },
         )
         proto = onnx.load(quantized)
@@ -158,6 +163,7 @@ def quantize_int8(fp32_path, out_path, calibration: Tensor, *, io: dict,
         raise ExportError(f"{out_path}: the quantiser left every convolution in fp32")
     atomic_write(out_path, proto.SerializeToString())
     return {"weights": "int8 symmetric, per output channel", "activations": activations,
+            "bias": "int32 (dequantised)" if activations == "uint8" else "float",
             "calibration_method": "minmax", "fp32_nodes": excluded, **summary}
 
 

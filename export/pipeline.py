@@ -30,6 +30,7 @@ from export.onnx_export import EXPORTER, export_onnx
 from export.ort import logits_runner, make_ort_session
 from export.parity import check_parity, compare_with_reference, reference_logits
 from export.tensorrt import TensorRTEngine, build_tensorrt_engine, profile_shapes, resolve_mode
+from export.trt_support import check_tensorrt_support
 from models.checkpoint import CheckpointError, load_checkpoint, recorded_split_files
 from models.complexity import count_parameters
 from models.ensemble import Ensemble
@@ -222,6 +223,8 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
                                cam_output=settings["cam_output"], opset=settings["opset"])
             io, opset = io or info["io"], info["opset"]
         artifacts.append(file_entry(onnx_path, format="onnx", precision=precision))
+        if precision != "int8":  # TensorRT builds from this graph (int8: from a sibling, checked in _build_plan)
+            _check_for_tensorrt(onnx_path, f"{name}/{ONNX_FILES[precision]}", settings["build_trt"])
         session = make_ort_session(onnx_path, device="cpu")
         reports[ONNX_FILES[precision]] = _parity(expected, logits_runner(session), images, precision,
                                                  "onnxruntime-cpu", name, ONNX_FILES[precision], failures, progress)
@@ -282,7 +285,17 @@ def _build_plan(precision: str, onnx_path: str, fp32_path: str, plan_path: str, 
     with tempfile.TemporaryDirectory(prefix=".trt-int8-", dir=os.path.dirname(plan_path)) as tmp:
         symmetric = os.path.join(tmp, "model_int8_symmetric.onnx")
         quantize_int8(fp32_path, symmetric, calibration, io=io, activations="int8-symmetric")
+        _check_for_tensorrt(symmetric, f"{os.path.basename(plan_path)}'s int8 graph", strict=True)
         return build_tensorrt_engine(symmetric, plan_path, **shapes, timing_cache_path=cache)
+
+
+def _check_for_tensorrt(onnx_path: str, label: str, strict: bool) -> None:
+    """The static TensorRT check (export/trt_support.py): an error where an engine is to be built from
+    the graph, else a warning, so a graph TensorRT cannot take is known before anyone builds one."""
+    findings = check_tensorrt_support(onnx_path, strict=strict, label=label)
+    if findings:
+        print(f"[export] warning: {label}: TensorRT's ONNX parser would reject {len(findings)} node(s), "
+              f"first: {findings[0]}", file=sys.stderr, flush=True)
 
 
 def _quantize(source: Source, fp32_path: str, int8_path: str, io: dict, ten_crop: bool,

@@ -5,16 +5,26 @@ STRONGLY_TYPED flag for that; TensorRT 11 is always strongly typed, keeps the fl
 compatibility and has removed BuilderFlag.FP16 and implicit INT8), so an fp16 ONNX graph gives an
 fp16 engine and no precision flag is ever set. EXPLICIT_BATCH is the default since TensorRT 10 and
 is not passed. One optimisation profile covers batch 1..max; a timing cache file is shared by
-every build so later builds skip kernel timing already done.
+every build so later builds skip kernel timing already done. BuilderFlag.TF32 is on by default and
+is cleared: fp32 layers (all of an fp32 engine, the fp32 prefix and head of the others) compute in
+true fp32, as the fp32 parity gate (max |dlogit| <= 1e-3 against an IEEE reference) requires.
+
+Running an engine: every set_input_shape/set_tensor_address result is checked (a batch outside the
+optimisation profile is an error naming both), I/O addresses are 256-byte aligned as TensorRT
+requires (a misaligned view is copied), and the engine is enqueued on a non-default stream (TensorRT
+synchronises the whole device around the legacy default stream) that torch's current stream then
+waits on, so nothing synchronises the host inside a call: the caller's copy of the result does, once.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from common import atomic_write
 from export.errors import ExportError
@@ -22,6 +32,16 @@ from export.errors import ExportError
 WORKSPACE_BYTES = 4 << 30
 TENSORRT_MODES = ("auto", "on", "off")
 TEN_CROPS = 10
+ADDRESS_ALIGNMENT = 256  # bytes; TensorRT's requirement for every I/O tensor address
+# TensorRT DataType member -> torch dtype; members a TensorRT version lacks are skipped, and types with
+# no torch equivalent (INT4, FP4, E8M0: packed or exponent-only) are refused by name (torch_dtype).
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "INT8": torch.int8,
+                 "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool, "UINT8": torch.uint8,
+                 "FP8": getattr(torch, "float8_e4m3fn", None)}
+
+
+class TensorRTError(ExportError):
+    """TensorRT refused a call (shape outside the profile, an address, a type torch cannot hold, a launch)."""
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -91,6 +111,7 @@ def build_tensorrt_engine(onnx_path, plan_path, *, input_name: str, min_shape, o
                           timing_cache_path) -> dict:
     """Build a serialized engine from ``onnx_path`` into ``plan_path`` (atomic); update the timing cache.
 
+    TF32 is cleared (see above): no parity gate allows it, and fp16 is the fast choice.
     Returns ``{"file", "tensorrt_version", "profile": {input_name: {min, opt, max}}, "build_seconds"}``.
     """
     available, reason = tensorrt_status()
@@ -109,6 +130,7 @@ def build_tensorrt_engine(onnx_path, plan_path, *, input_name: str, min_shape, o
         raise ExportError(f"{onnx_path}: TensorRT's ONNX parser rejected the graph: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    config.clear_flag(trt.BuilderFlag.TF32)  # on by default
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, tuple(min_shape), tuple(opt_shape), tuple(max_shape))
     config.add_optimization_profile(profile)
@@ -124,6 +146,33 @@ def build_tensorrt_engine(onnx_path, plan_path, *, input_name: str, min_shape, o
         "profile": {input_name: {"min": list(min_shape), "opt": list(opt_shape), "max": list(max_shape)}},
         "build_seconds": round(time.perf_counter() - started, 2),
     }
+
+
+def torch_dtype(trt, trt_type, what: str) -> torch.dtype:
+    """The torch dtype of TensorRT DataType ``trt_type``; a type torch cannot hold is a TensorRTError."""
+    for member, dtype in _TORCH_DTYPES.items():
+        if dtype is not None and getattr(trt.DataType, member, None) == trt_type:
+            return dtype
+    raise TensorRTError(f"{what} has TensorRT type {getattr(trt_type, 'name', trt_type)}, which torch "
+                        f"{torch.__version__} cannot hold; export the graph with float, int or bool I/O")
+
+
+def aligned(tensor: Tensor) -> Tensor:
+    """``tensor`` contiguous and starting on a 256-byte boundary, copied only when it is not (a view into
+    a larger batch, as torch.split makes, starts wherever its first row does)."""
+    tensor = tensor.contiguous()
+    if tensor.data_ptr() % ADDRESS_ALIGNMENT == 0:
+        return tensor
+    return empty_aligned(tensor.shape, tensor.dtype, tensor.device).copy_(tensor)
+
+
+def empty_aligned(shape, dtype: torch.dtype, device) -> Tensor:
+    """An uninitialised tensor starting on a 256-byte boundary, whatever alignment the allocator gives
+    (torch's CUDA allocator gives 512 bytes, its CPU one 64): over-allocate and start at the first one."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buffer = torch.empty(nbytes + ADDRESS_ALIGNMENT, dtype=torch.uint8, device=device)
+    start = -buffer.data_ptr() % ADDRESS_ALIGNMENT
+    return buffer[start:start + nbytes].view(dtype).view(tuple(shape))
 
 
 class TensorRTEngine:
@@ -146,43 +195,73 @@ class TensorRTEngine:
         if self.engine is None:
             raise ExportError("TensorRT could not deserialise the engine (built by another TensorRT version or GPU?)")
         self.context = self.engine.create_execution_context()
+        self._describe_io()
+        self._stream = torch.cuda.Stream()  # TensorRT's own, on the current device: never the legacy default
+
+    def _describe_io(self) -> None:
+        """Names, torch dtypes and profile-0 shape ranges of the engine's I/O tensors."""
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == self._trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if n not in self.input_names]
+        self.dtypes = {n: torch_dtype(self._trt, self.engine.get_tensor_dtype(n), f"engine tensor {n!r}")
+                       for n in names}
+        self.profiles = {n: tuple(tuple(int(d) for d in shape) for shape in self.engine.get_tensor_profile_shape(n, 0))
+                         for n in self.input_names}
+        self.max_batch = min(shapes[2][0] for shapes in self.profiles.values())
 
-    def _torch_dtype(self, name: str) -> torch.dtype:
-        trt = self._trt
-        table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16,
-                 trt.DataType.UINT8: torch.uint8, trt.DataType.INT8: torch.int8,
-                 trt.DataType.INT32: torch.int32, trt.DataType.BOOL: torch.bool}
-        if hasattr(trt.DataType, "INT64"):
-            table[trt.DataType.INT64] = torch.int64
-        return table[self.engine.get_tensor_dtype(name)]
+    def bind(self, inputs: dict[str, Tensor]) -> tuple[dict[str, Tensor], list[Tensor]]:
+        """Set every input's shape and address and allocate the outputs on the inputs' device.
 
-    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """CUDA tensors in (by input name), CUDA tensors out (by output name), on torch's current stream."""
-        keep_alive = []
+        Returns (outputs by name, the input tensors TensorRT reads, to keep alive until it has).
+        """
+        bound = []
+        device = next(iter(inputs.values())).device
         for name in self.input_names:
-            tensor = inputs[name].to(device="cuda", dtype=self._torch_dtype(name)).contiguous()
-            keep_alive.append(tensor)
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
+            tensor = aligned(inputs[name].to(device=device, dtype=self.dtypes[name]))
+            bound.append(tensor)
+            shape = tuple(tensor.shape)
+            if not self.context.set_input_shape(name, shape):
+                low, _, high = self.profiles[name]
+                raise TensorRTError(f"TensorRT refused input {name!r} of shape {list(shape)}: the engine's profile "
+                                    f"takes {list(low)} to {list(high)} (a larger batch must be split)")
+            self._set_address(name, tensor)
         outputs = {}
         for name in self.output_names:
             shape = tuple(self.context.get_tensor_shape(name))
-            outputs[name] = torch.empty(shape, dtype=self._torch_dtype(name), device="cuda")
-            self.context.set_tensor_address(name, outputs[name].data_ptr())
-        stream = torch.cuda.current_stream()
+            outputs[name] = empty_aligned(shape, self.dtypes[name], device)
+            self._set_address(name, outputs[name])
+        return outputs, bound
+
+    def _set_address(self, name: str, tensor: Tensor) -> None:
+        if not self.context.set_tensor_address(name, tensor.data_ptr()):
+            raise TensorRTError(f"TensorRT refused the address {tensor.data_ptr():#x} of tensor {name!r} "
+                                f"({tensor.dtype} {list(tensor.shape)} on {tensor.device})")
+
+    def run(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """CUDA tensors in (by input name), CUDA tensors out (by output name), ordered on torch's current
+        stream: nothing here waits for the GPU, so reading the outputs on the host synchronises once."""
+        caller = torch.cuda.current_stream()
+        outputs, bound = self.bind({n: t.cuda() for n, t in inputs.items()})  # allocated on the caller's stream
+        # TensorRT synchronises the device around the legacy default stream (handle 0): use our own then.
+        stream = self._stream if caller.cuda_stream == 0 else caller
+        if stream is not caller:
+            stream.wait_stream(caller)  # inputs (and their copies) complete before TensorRT reads them
+            for tensor in (*bound, *outputs.values()):
+                tensor.record_stream(stream)  # the allocator keeps them until TensorRT is done with them
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise ExportError("TensorRT engine execution failed (see TensorRT's log above)")
-        stream.synchronize()
+            raise TensorRTError("TensorRT engine execution failed (see TensorRT's log above)")
+        if stream is not caller:
+            caller.wait_stream(stream)  # whatever the caller does next sees the outputs complete
         return outputs
 
     def logits_runner(self):
-        """numpy batch in -> numpy ``logits`` out, the form parity uses."""
+        """numpy batch in -> numpy ``logits`` out, the form parity uses; batches larger than the
+        engine's profile are run in chunks of its largest batch."""
         (name,) = self.input_names
 
         def run(batch: np.ndarray) -> np.ndarray:
-            return self.run({name: torch.from_numpy(np.ascontiguousarray(batch))})["logits"].float().cpu().numpy()
+            tensor = torch.from_numpy(np.ascontiguousarray(batch))
+            chunks = [self.run({name: part})["logits"].float().cpu() for part in torch.split(tensor, self.max_batch)]
+            return torch.cat(chunks).numpy()
 
         return run

@@ -69,14 +69,31 @@ def cuda_check(checkpoint, *, export_dir=None, data=None, images: int = 256, bat
         targets += [(label, export_dir, backend, precision, False, False, "auto")
                     for label, backend, precision in EXPORT_CONFIGS]
     for label, path, backend, precision, channels_last, compiled, preprocess in targets:
-        try:
-            result = _check_one(path, backend, precision, channels_last, compiled, preprocess, paths, reference,
-                                labels, batch, workers, repeats)
-        except Exception as e:  # one unavailable path (no plan, no CUDA provider) must not hide the others
-            result = {"error": f"{type(e).__name__}: {e}"}
+        problem = _backend_problem(backend)
+        if problem:  # e.g. no onnxruntime-gpu or no TensorRT on this machine: say so, it is not a failure
+            result = {"skipped": problem}
+        else:
+            try:
+                result = _check_one(path, backend, precision, channels_last, compiled, preprocess, paths,
+                                    reference, labels, batch, workers, repeats)
+            except Exception as e:  # one failing path (e.g. no such plan) must not hide the others
+                result = {"error": f"{type(e).__name__}: {e}"}
         report["results"].append({"config": label, **result})
         print(json.dumps({"config": label, **result}), file=sys.stderr, flush=True)
     return report
+
+
+def _backend_problem(backend: str) -> str | None:
+    """Why ``backend`` cannot run on this GPU (None: it can)."""
+    if backend == "onnxruntime":
+        from runtime.ort_backend import cuda_provider_problem
+
+        return cuda_provider_problem()
+    if backend == "tensorrt":
+        from runtime.trt_backend import tensorrt_problem
+
+        return tensorrt_problem()
+    return None
 
 
 def _check_one(path, backend, precision, channels_last, compiled, preprocess, paths, reference, labels, batch,

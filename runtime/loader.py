@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 from common.device import resolve_device
 from common.errors import InputError, MissingFileError
@@ -91,8 +92,9 @@ def _auto_export_backend(manifest: dict, device: str, precision: str) -> tuple[s
     problem = cuda_provider_problem()
     if problem is None:
         return "onnxruntime", resolved
-    if device == "auto":
-        return "onnxruntime", "cpu"  # a GPU exists but nothing here can run this export on it
+    if device == "auto":  # a GPU exists but nothing here can run this export on it
+        warnings.warn(f"onnxruntime runs this export on the CPU: {problem}", RuntimeWarning, stacklevel=3)
+        return "onnxruntime", "cpu"
     raise BackendError(f"no backend can run this export on {resolved}: no usable TensorRT plan and {problem}")
 
 

@@ -6,21 +6,11 @@ import torch
 from torch import Tensor
 
 from data.spec import PreprocessSpec
+from export.ort import cuda_device_index, cuda_provider_problem  # noqa: F401 (the loader asks it too)
 from runtime.predictor import BackendError, Predictor
 
 LOGITS = "logits"
 _NUMPY_TYPES = {torch.float32: np.float32, torch.uint8: np.uint8}
-
-
-def cuda_provider_problem() -> str | None:
-    """Why ONNX Runtime cannot run on the GPU here, or None when it can."""
-    import onnxruntime as ort
-
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA GPU"
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return f"this onnxruntime build ({ort.__version__}) has no CUDAExecutionProvider (install onnxruntime-gpu)"
-    return None
 
 
 class OrtPredictor(Predictor):
@@ -35,11 +25,12 @@ class OrtPredictor(Predictor):
         self.manifest = manifest
         self.artifact = artifact_path(manifest, precision=precision, fmt="onnx")
         on_gpu = device.startswith("cuda")
-        if on_gpu and cuda_provider_problem():
-            raise BackendError(f"onnxruntime cannot use {device}: {cuda_provider_problem()}")
-        self._device_index = (torch.device(device).index or 0) if on_gpu else 0
+        self._device_index = cuda_device_index(device) if on_gpu else 0
+        problem = cuda_provider_problem(self._device_index) if on_gpu else None
+        if problem:
+            raise BackendError(f"onnxruntime cannot use {device}: {problem}")
         # make_ort_session preloads the CUDA libraries torch's wheel brings and refuses a silent CPU fallback.
-        self.session = make_ort_session(self.artifact, device="cuda" if on_gpu else "cpu", threads=threads)
+        self.session = make_ort_session(self.artifact, device=device if on_gpu else "cpu", threads=threads)
         self._input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
         if LOGITS not in outputs:

@@ -2,8 +2,9 @@
 
 The plan is read once and its bytes are checked against the manifest's sha256 before TensorRT
 deserialises them (export.manifest.verified_bytes): an engine can carry code, so only the
-verified bytes are ever loaded. The engine wrapper (set_input_shape, set_tensor_address,
-execute_async_v3 on torch's current stream) is export's, shared with its parity check.
+verified bytes are ever loaded. The engine wrapper (checked set_input_shape/set_tensor_address, 256-byte aligned
+I/O, execute_async_v3 on a non-default stream ordered with torch's current one) is export's, shared
+with its parity check.
 """
 from __future__ import annotations
 
@@ -46,8 +47,7 @@ class TensorRTPredictor(Predictor):
             raise BackendError(f"{self.artifact}: expected one input and a '{LOGITS}' output, found inputs "
                                f"{self._engine.input_names}, outputs {self._engine.output_names}")
         self._input = self._engine.input_names[0]
-        _, _, largest = self._engine.engine.get_tensor_profile_shape(self._input, 0)
-        self.max_batch = int(largest[0])  # the engine's optimisation profile caps the batch
+        self.max_batch = self._engine.max_batch  # the engine's optimisation profile caps the batch
 
     def _forward_crops(self, crops: Tensor) -> Tensor:
         return self._run(crops)

@@ -1,5 +1,6 @@
 """TensorRT: profile shapes, auto/on/off decisions and the timing-cache path run everywhere; building
 and running an engine needs TensorRT and a GPU and is skipped (with the reason) without them."""
+import os
 import types
 
 import numpy as np
@@ -7,13 +8,11 @@ import pytest
 import torch
 
 import export.tensorrt as trt_module
-from data.spec import spec_for_crop
-from export import ExportError, export_checkpoints, export_onnx, run_parity, tensorrt_status
+from export import ExportError, export_checkpoints, tensorrt_status
 from export.tensorrt import (TensorRTEngine, _attach_timing_cache, _network_flags, build_tensorrt_engine,
                              profile_shapes, resolve_mode)
-from models import TenCropModel, create_model
+from runtime_testlib import tiny_run
 
-SPEC = spec_for_crop(48)
 PER_CROP_IO = {"inputs": [{"name": "input", "dtype": "float32", "shape": ["batch", 3, 48, 48]}], "crops_per_image": 1}
 IN_GRAPH_IO = {"inputs": [{"name": "images", "dtype": "uint8", "shape": ["batch", 3, 55, 55]}], "crops_per_image": 10}
 AVAILABLE, REASON = tensorrt_status()
@@ -108,26 +107,26 @@ def test_timing_cache_is_reused_and_a_foreign_one_replaced(tmp_path, capsys):
 
 @pytest.mark.skipif(not AVAILABLE, reason=f"needs TensorRT and CUDA: {REASON}")
 @pytest.mark.parametrize("ten_crop_in_graph", [False, True])
-def test_engine_built_from_each_precision_passes_the_gates(tmp_path, ten_crop_in_graph):
-    torch.manual_seed(0)
-    model = create_model("resnet18", 8, width_mult=0.125).eval()
-    generator = torch.Generator().manual_seed(0)
-    if ten_crop_in_graph:
-        images = torch.randint(0, 256, (12, 3, SPEC.resize, SPEC.resize), dtype=torch.uint8, generator=generator)
-        reference = TenCropModel(model, SPEC)
-    else:
-        images = torch.randn(12, 3, SPEC.crop, SPEC.crop, generator=generator)
-        reference = model
-    cache = tmp_path / "timing.cache"
-    for precision in ("fp32", "fp16"):
-        onnx_path = tmp_path / f"{precision}.onnx"
-        info = export_onnx(model, onnx_path, spec=SPEC, precision=precision, ten_crop_in_graph=ten_crop_in_graph)
-        built = build_tensorrt_engine(onnx_path, tmp_path / f"{precision}.plan", **profile_shapes(info["io"], 4),
-                                      timing_cache_path=cache)
-        assert cache.stat().st_size > 0 and built["file"] == f"{precision}.plan"
-        engine = TensorRTEngine((tmp_path / f"{precision}.plan").read_bytes())
-        report = run_parity(reference, engine.logits_runner(), images, precision, batch_size=4)
-        assert report["passed"], report
-        out = engine.run({engine.input_names[0]: images[:1]})["logits"]
-        assert out.dtype == torch.float32 and tuple(out.shape) == (1, 8)
-        assert np.isfinite(out.cpu().numpy()).all()
+def test_engines_of_every_precision_pass_the_gates_in_chunks(tmp_path_factory, ten_crop_in_graph):
+    """The fitted test model (clear margins, no tied weights), exported with engines for ONE image per
+    call: parity feeds 16 per batch, so every engine runs chunk by chunk, from split (misaligned) views."""
+    run = tiny_run(tmp_path_factory.getbasetemp())
+    result = export_checkpoints([run["checkpoint"]], fp16=True, int8=True, ten_crop_in_graph=ten_crop_in_graph,
+                                tensorrt="on", max_batch=1, calibration_images=16, parity_images=48,
+                                out=tmp_path_factory.mktemp("trt"), progress=False)
+    manifest = result["exports"][0]
+    plans = {a["file"]: a for a in manifest["artifacts"] if a["format"] == "tensorrt"}
+    assert set(plans) == {"model.plan", "model_fp16.plan", "model_int8.plan"}
+    rows = 1 if ten_crop_in_graph else 10
+    for file, artifact in plans.items():
+        (profile,) = artifact["profile"].values()
+        assert profile["max"][0] == rows
+        report = manifest["parity"]["artifacts"][file]
+        assert report["runtime"] == "tensorrt" and report["n_images"] == 48
+        assert report["passed"], (file, report["gates"])
+    assert manifest["parity"]["artifacts"]["model.plan"]["max_abs_diff"] <= 1e-3  # true fp32: TF32 is off
+    assert result["ok"], result["failures"]
+    engine = TensorRTEngine(open(os.path.join(manifest["export_dir"], "model_fp16.plan"), "rb").read())
+    out = engine.run({engine.input_names[0]: torch.zeros(rows, *engine.profiles[engine.input_names[0]][0][1:],
+                                                          dtype=engine.dtypes[engine.input_names[0]])})["logits"]
+    assert out.dtype == torch.float32 and tuple(out.shape) == (rows, 4) and np.isfinite(out.cpu().numpy()).all()

@@ -17,6 +17,7 @@ from torch import nn
 
 import export
 import runtime
+from runtime.ort_backend import cuda_provider_problem
 from runtime.pipeline import run_files
 from runtime.trt_backend import tensorrt_problem
 from runtime_testlib import reference, run  # noqa: F401 (shared fixtures)
@@ -32,9 +33,11 @@ def exports(run, tmp_path_factory):
     for ten_crop in (False, True):
         kind = "ten_crop_in_graph" if ten_crop else "crops_outside"
         # The crops-outside graph also returns the CAM feature map: the runtime asks for the logits only.
+        # TensorRT engines where TensorRT and a GPU exist, for at most 4 images a call: the runs below
+        # feed 6, so they go through the engine in chunks (split views of one batch).
         result = export.export_checkpoints([run["checkpoint"]], fp16=True, ten_crop_in_graph=ten_crop,
-                                           cam_output=not ten_crop, tensorrt="off", out=str(out / kind),
-                                           parity_images=8, progress=False)
+                                           cam_output=not ten_crop, tensorrt="auto", max_batch=4,
+                                           out=str(out / kind), parity_images=8, progress=False)
         folders[kind] = result["exports"][0]["export_dir"]
     return folders
 
@@ -61,30 +64,41 @@ def assert_agrees(logits: torch.Tensor, reference: torch.Tensor, precision: str,
 
 
 CONFIGS = [
-    # (artifact, backend, precision, channels_last)
-    ("checkpoint", "torch", "fp32", False),
-    ("checkpoint", "torch", "fp32", True),
-    ("checkpoint", "torch", "bf16", False),
-    ("checkpoint", "torch", "bf16", True),
-    ("crops_outside", "onnxruntime", "fp32", False),
-    ("crops_outside", "onnxruntime", "fp16", False),
-    ("ten_crop_in_graph", "onnxruntime", "fp32", False),
-    ("ten_crop_in_graph", "onnxruntime", "fp16", False),
-    ("crops_outside", "tensorrt", "fp32", False),
-    ("ten_crop_in_graph", "tensorrt", "fp16", False),
+    # (artifact, backend, precision, channels_last, device)
+    ("checkpoint", "torch", "fp32", False, "auto"),
+    ("checkpoint", "torch", "fp32", True, "auto"),
+    ("checkpoint", "torch", "bf16", False, "auto"),
+    ("checkpoint", "torch", "bf16", True, "auto"),
+    ("crops_outside", "onnxruntime", "fp32", False, "cpu"),
+    ("crops_outside", "onnxruntime", "fp16", False, "cpu"),
+    ("ten_crop_in_graph", "onnxruntime", "fp32", False, "cpu"),
+    ("ten_crop_in_graph", "onnxruntime", "fp16", False, "cpu"),
+    ("crops_outside", "onnxruntime", "fp32", False, "cuda"),
+    ("ten_crop_in_graph", "onnxruntime", "fp16", False, "cuda"),
+    ("crops_outside", "tensorrt", "fp32", False, "cuda"),
+    ("crops_outside", "tensorrt", "fp16", False, "cuda"),
+    ("ten_crop_in_graph", "tensorrt", "fp32", False, "cuda"),
+    ("ten_crop_in_graph", "tensorrt", "fp16", False, "cuda"),
 ]
 
 
-@pytest.mark.parametrize("artifact,backend,precision,channels_last", CONFIGS)
-def test_backend_agrees_with_the_reference(run, reference, exports, artifact, backend, precision, channels_last):
+@pytest.mark.parametrize("artifact,backend,precision,channels_last,device", CONFIGS)
+def test_backend_agrees_with_the_reference(run, reference, exports, artifact, backend, precision, channels_last,
+                                           device):
     if backend == "tensorrt" and tensorrt_problem():
         pytest.skip(f"TensorRT: {tensorrt_problem()}")
+    if backend == "onnxruntime" and device == "cuda" and cuda_provider_problem():
+        pytest.skip(f"onnxruntime on CUDA: {cuda_provider_problem()}")
     paths, _, expected = reference
     path = run["checkpoint"] if artifact == "checkpoint" else exports[artifact]
-    predictor = runtime.load(path, backend=backend, precision=precision, channels_last=channels_last)
+    predictor = runtime.load(path, backend=backend, precision=precision, channels_last=channels_last, device=device)
     assert (predictor.backend, predictor.precision) == (backend, precision)
     assert predictor.ten_crop_in_graph == (artifact == "ten_crop_in_graph")
-    result = run_files(predictor, paths, batch=6, workers=0)
+    if backend == "tensorrt":
+        assert predictor.max_batch == (4 if artifact == "ten_crop_in_graph" else 40)  # the profile's largest batch
+    # Host (PIL) preprocessing on every device: this checks the model's precision; GPU decoding and
+    # resizing have their own bound (test_gpu_preprocessing.py).
+    result = run_files(predictor, paths, batch=6, workers=0, preprocess="host")
     assert result.positions == list(range(len(paths))) and not result.failures
     assert_agrees(result.logits, expected, precision, rounding_layers(run["checkpoint"]))
 
