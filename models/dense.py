@@ -150,13 +150,11 @@ def _axis_weights(image_cells: int, offset: float, width: int) -> Tensor:
                         - torch.maximum(starts, torch.tensor(offset)), min=0)).float()
 
 
-def window_weights(geometry: DenseGeometry, centre: str) -> Tensor:
+def _window_weights(geometry: DenseGeometry, centre: str) -> Tensor:
     """[windows, image_cells, image_cells] pooling weights, each summing to one, in five_crop's order.
 
     The corners (TL, TR, BL, BR), then the centre window unless it is dropped or has its own pass.
     """
-    if centre not in CENTRE_MODES:
-        raise ValueError(f"centre must be one of {CENTRE_MODES}, got {centre!r}")
     near, far = geometry.corner_offsets
     rows_cols = [(near, near), (near, far), (far, near), (far, far)]
     if centre == "interpolate":
@@ -174,18 +172,23 @@ class DenseTenCropModel(nn.Module):
     With ``return_features=True`` it returns ``(logits, features)``: the full-image maps of the
     image and its mirror, ``[B, 2, C, h, w]`` (a list of those for an Ensemble), for CAM.
     Raises DenseGeometryError at construction where the windows do not align.
+
+    ``model`` has ``forward_features`` (a fully convolutional trunk) and ``forward_head`` starting
+    with a global average pool: the head receives each window's average as a 1x1 map.
     """
 
     def __init__(self, model: nn.Module, spec: PreprocessSpec, centre: str = DEFAULT_CENTRE,
                  return_features: bool = False):
         super().__init__()
+        if centre not in CENTRE_MODES:
+            raise ValueError(f"centre must be one of {CENTRE_MODES}, got {centre!r}")
         self.model = model
         self.spec = spec
         self.centre = centre
         self.return_features = return_features
         self.geometries = dense_geometry(model, spec)
         for index, geometry in enumerate(self.geometries):
-            self.register_buffer(f"_weights_{index}", window_weights(geometry, centre).flatten(1).T, persistent=False)
+            self.register_buffer(f"_weights_{index}", _window_weights(geometry, centre).flatten(1).T, persistent=False)
 
     @property
     def num_windows(self) -> int:

@@ -90,7 +90,9 @@ def test_windows_equal_slices_of_the_image_and_mirror_maps_by_hand(resnet):
                                + [head(c(mirror_maps)) for c in corners] + [centre(mirror_maps)], dim=1)
         dense = DenseTenCropModel(resnet, SPEC, centre="interpolate")
         torch.testing.assert_close(dense.crop_logits(images), expected, rtol=1e-5, atol=1e-6)
-        dropped = DenseTenCropModel(resnet, SPEC, centre="drop").crop_logits(images)
+        dropped_model = DenseTenCropModel(resnet, SPEC, centre="drop")
+        dropped = dropped_model.crop_logits(images)
+        assert dense.num_windows == 10 and dropped_model.num_windows == dropped.shape[1] == 8
         torch.testing.assert_close(dropped, expected[:, [0, 1, 2, 3, 5, 6, 7, 8]], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(dense(images), expected.mean(dim=1), rtol=1e-5, atol=1e-6)
 
