@@ -1,4 +1,4 @@
-"""Architectures, the registry that builds them by name, ensembles, ten-crop wrapper, checkpoints."""
+"""Architectures, the registry that builds them by name, ensembles, ten-crop wrappers (exact, dense), checkpoints."""
 from models.registry import create_model, default_spec, list_models, register_model
 from models import resnet, xception  # noqa: F401  (importing registers the architectures)
 from models.checkpoint import (
@@ -11,9 +11,11 @@ from models.checkpoint import (
 from models.complexity import count_parameters, model_flops
 from models.ensemble import Ensemble
 from models.tencrop import TenCropModel
+from models.dense import DenseGeometryError, DenseTenCropModel
 
 __all__ = [
     "create_model", "default_spec", "list_models", "register_model",
     "FORMAT_VERSION", "CheckpointError", "load_checkpoint", "read_checkpoint_meta", "save_checkpoint",
     "count_parameters", "model_flops", "Ensemble", "TenCropModel",
+    "DenseGeometryError", "DenseTenCropModel",
 ]
