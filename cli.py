@@ -100,7 +100,7 @@ def data_check(path, verify, as_json):
 @click.option("--name", help="Run folder name under --out (default: ARCH).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last.pt; ends where an uninterrupted run would.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="xception_pretrained: local ImageNet weights file.")
-@click.option("--width-mult", default=1.0, show_default=True, help="Scale every layer's width (tiny models for experiments).")
+@click.option("--width-mult", type=float, help="Scale every layer's width (tiny models for experiments; default: full width).")
 @json_option
 def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_decay, dropout, label_smoothing,
           image_size, norm, amp, device, workers, seed, out, name, resume, weights, width_mult, as_json):

@@ -57,7 +57,7 @@ class TrainConfig:
     name: Optional[str] = None
     resume: bool = False
     weights: Optional[str] = None       # xception_pretrained's ImageNet weights file
-    width_mult: float = 1.0
+    width_mult: Optional[float] = None  # None: the architecture's own width (xception_pretrained has only that)
     progress: bool = True
 
 
@@ -80,7 +80,9 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     split = _load_or_make_split(root, run_dir, config, rank0, ddp)
     spec = _resolve_spec(config)
     torch.manual_seed(config.seed)
-    model_kwargs = {"dropout": config.dropout, "width_mult": config.width_mult}
+    model_kwargs = {"dropout": config.dropout}
+    if config.width_mult is not None:
+        model_kwargs["width_mult"] = config.width_mult
     build_kwargs = dict(model_kwargs, weights=config.weights) if config.weights else model_kwargs
     model = create_model(config.arch, num_classes=len(split.classes), **build_kwargs)
     model.to(device)
