@@ -35,6 +35,12 @@ TINY_FLAGS = {
     "bench": ["--seconds", "0.1", "--warmup", "1", "--eval-images", "8"],
 }
 TINY_FLAGS_FINETUNE = ["--epochs", "1", "--workers", "0", "--image-size", "71"]  # one size: no --width-mult
+# Commands given no paths after the demo say which runs they picked (common.runs.newest_runs).
+PICKED = {
+    "python cli.py gradcam img.jpg": "using the newest trained runs in runs/demo/train",
+    "python cli.py export --fp16": "using the newest trained runs in runs/demo/train",
+    "python cli.py bench --batch 64": "using the newest exports in runs/export",
+}
 NOT_RUN = {
     "pip install": "installs the package (the tests run from the checkout)",
     "python -m pytest": "the test suite itself",
@@ -136,7 +142,9 @@ def test_every_readme_command_runs(quick_demo, stand_ins, monkeypatch):
             result = CliRunner().invoke(cli.cli, args[2:], catch_exceptions=True)
             assert result.exit_code == 0 or only_int8_gate_failed(args, result.output), \
                 f"{command}\n-> {shlex.join(args)}\n{result.output[-3000:]}\n{result.exception!r}"
+            assert PICKED.get(command, "") in result.output, command
         ran.append(command)
+    assert set(PICKED) <= set(ran)
     assert len(ran) >= 12 and all(any(c.startswith(p) for p in NOT_RUN) for c in skipped)
     for prefix in NOT_RUN:
         assert any(c.startswith(prefix) for c in skipped), f"NOT_RUN entry {prefix!r} no longer matches a README line"

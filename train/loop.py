@@ -34,7 +34,7 @@ from models.checkpoint import save_checkpoint
 from train.ema import WeightEMA
 from train.history import plot_curves, write_csv
 from train.optim import make_optimizer, warmup_cosine
-from train.recipe import apply_recipe
+from train.recipe import apply_recipe, recipe_summary
 
 
 @dataclass
@@ -168,7 +168,7 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
         "params": sum(p.numel() for p in model.parameters()), "epochs": len(history),
         "best_epoch": record.get("best_epoch"), "best_val_top1": best_top1,
         "final": history[-1] if history else None, "seconds_this_run": round(time.perf_counter() - started, 1),
-        "world_size": world_size,
+        "world_size": world_size, "recipe": recipe_summary(config),
         "device": str(device), "amp": record["amp"], "skipped_images": sorted(skipped.items()),
     }
     atomic_write_json(run_dir / "train.json", summary)

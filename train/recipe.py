@@ -66,3 +66,17 @@ def apply_recipe(config, final_crop: int):
     if config.synth_stream is None:  # the stream replaces the full embedded set's stored training images
         filled["synth_stream"] = recipe.stream_per_class if config.data is None and not config.quick_data else 0
     return dataclasses.replace(config, **filled)
+
+
+def recipe_summary(config) -> str:
+    """One line naming what a run was trained with (train.json, the demo's report)."""
+    parts = [f"{config.epochs} epochs", f"batch {config.batch_size}", f"{config.optimizer} lr {config.lr:g}",
+             f"weight decay {config.weight_decay:g}", f"label smoothing {config.label_smoothing:g}",
+             f"{config.augment} augmentation"]
+    if config.ema:
+        parts.append(f"EMA {config.ema:g}")
+    if config.progressive_from:
+        parts.append(f"progressive resizing from {config.progressive_from} px")
+    if config.synth_stream:
+        parts.append(f"{config.synth_stream} fresh images per class per epoch")
+    return ", ".join(parts)
