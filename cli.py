@@ -42,6 +42,13 @@ def emit(result: dict, as_json: bool, render) -> None:
 json_option = click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout (nothing else).")
 
 
+def with_picked(result: dict, picked: list) -> dict:
+    """Record in the JSON summary which runs a command given no paths picked (common.runs.newest_runs)."""
+    if picked:
+        result["picked"] = [p.to_dict() for p in picked]
+    return result
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli():
     """Train, export, verify, benchmark and explain CNN image classifiers.
@@ -88,14 +95,22 @@ def data_check(path, verify, as_json):
 @click.argument("arch")
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="Data folder (Caltech-256 or ImageFolder). Default: the embedded set.")
 @click.option("--quick-data", is_flag=True, help="Use the small embedded set (tests, quick looks).")
-@click.option("--epochs", default=5, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default="adamw", show_default=True, help="AdamW, or SGD with Nesterov momentum.")
-@click.option("--lr", type=float, help="Peak learning rate (default: scaled from the batch size).")
-@click.option("--weight-decay", type=float, help="Default: 0.05 for AdamW, 5e-4 for SGD (never on BatchNorm or biases).")
+@click.option("--epochs", type=int, help="Default: the recipe's.")
+@click.option("--batch-size", type=int, help="Default: the recipe's.")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), help="AdamW, or SGD with Nesterov momentum (default: the recipe's).")
+@click.option("--lr", type=float, help="Peak learning rate of the one-cycle schedule (default: the recipe's, scaled with the batch size).")
+@click.option("--weight-decay", type=float, help="Never on BatchNorm or biases (default: the recipe's).")
 @click.option("--dropout", default=0.0, show_default=True, help="Dropout before the classifier.")
-@click.option("--label-smoothing", default=0.0, show_default=True)
+@click.option("--label-smoothing", type=float, help="Default: the recipe's.")
+@click.option("--augment", type=click.Choice(["affine", "resized-crop"]),
+              help="affine: resize, random affine, random crop; resized-crop: random area/aspect crop (default: the recipe's).")
+@click.option("--min-scale", type=float, help="resized-crop: smallest crop as a share of the image area (default: the recipe's).")
+@click.option("--ema", type=float, help="Validate and save a moving average of the weights with this decay; 0: off (default: the recipe's).")
 @click.option("--image-size", type=int, help="Crop side (test resize = crop·256/224). Default: the data set's.")
+@click.option("--progressive-from", type=int, help="Progressive resizing: first epoch's crop side, growing to --image-size by "
+              "the last; 0: off (default: the recipe's share of --image-size).")
+@click.option("--synth-stream", type=int, help="Embedded set: fresh images per class per epoch instead of the stored "
+              "training split; 0: the stored split (default: the recipe's).")
 @click.option("--norm", type=click.Choice(["imagenet", "half"]), help="Normalisation: ImageNet mean/std, or mean=std=0.5.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16 on CPUs with bf16 units, fp16 on CUDA). Default: on where fast.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -105,11 +120,15 @@ def data_check(path, verify, as_json):
 @click.option("--name", help="Run folder name under --out (default: ARCH).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last.pt; ends where an uninterrupted run would.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="xception_pretrained: local ImageNet weights file.")
-@click.option("--width-mult", default=1.0, show_default=True, help="Scale every layer's width (tiny models for experiments).")
+@click.option("--width-mult", type=float, help="Scale every layer's width (tiny models for experiments; default: full width).")
 @json_option
-def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_decay, dropout, label_smoothing,
-          image_size, norm, amp, device, workers, seed, out, name, resume, weights, width_mult, as_json):
+def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_decay, dropout, label_smoothing, augment,
+          min_scale, ema, image_size, progressive_from, synth_stream, norm, amp, device, workers, seed, out, name, resume,
+          weights, width_mult, as_json):
     """Train ARCH (resnet18, resnet26, xception_small, xception_medium, xception_pretrained).
+
+    Unset options follow the default recipe (train/recipe.py; measured in docs/RECIPES.md); the run's
+    train.json records every value used.
 
     Works under `torchrun --nproc_per_node N cli.py train ...` (DistributedDataParallel).
     """
@@ -117,7 +136,8 @@ def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_deca
 
     config = TrainConfig(arch=arch, data=data, quick_data=quick_data, epochs=epochs, batch_size=batch_size,
                          optimizer=optimizer, lr=lr, weight_decay=weight_decay, dropout=dropout,
-                         label_smoothing=label_smoothing, image_size=image_size, norm=norm, amp=amp,
+                         label_smoothing=label_smoothing, augment=augment, min_scale=min_scale, ema=ema,
+                         image_size=image_size, progressive_from=progressive_from, synth_stream=synth_stream, norm=norm, amp=amp,
                          device=device, workers=workers, seed=seed, out=out, name=name, resume=resume,
                          weights=weights, width_mult=width_mult, progress=not as_json)
     result = train_model(config)
@@ -158,7 +178,8 @@ def evaluate(model, data, backend, device, precision, crops, batch, workers, as_
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("--model", type=click.Path(exists=True), help="Checkpoint or export (default: newest runs/train/*/best.pt).")
+@click.option("--model", type=click.Path(exists=True), help="Checkpoint or export (default: the newest best.pt of the newest "
+              "runs/train or runs/*/train).")
 @model_source
 @device_option
 @precision_option
@@ -170,15 +191,20 @@ def evaluate(model, data, backend, device, precision, crops, batch, workers, as_
 def predict(paths, model, backend, device, precision, crops, batch, topk, csv_path, as_json):
     """Classify image files and folders (recursive); unreadable images are named, the rest go on."""
     import runtime
+    from common.runs import newest_runs
     from runtime.render import render_predictions
 
-    emit(runtime.predict_files(model, list(paths), backend=backend, device=device, precision=precision, batch=batch,
-                               crops=crops, topk=topk, csv=csv_path, progress=not as_json), as_json, render_predictions)
+    picked = [] if model else [newest_runs("train")]
+    model = model or picked[0].newest
+    emit(with_picked(runtime.predict_files(model, list(paths), backend=backend, device=device, precision=precision,
+                                           batch=batch, crops=crops, topk=topk, csv=csv_path, progress=not as_json),
+                     picked), as_json, render_predictions)
 
 
 @cli.command()
 @click.argument("images", nargs=-1, type=click.Path())
-@click.option("--model", type=click.Path(exists=True), help="Checkpoint (reference Grad-CAM) or export made with --cam-output.")
+@click.option("--model", type=click.Path(exists=True), help="Checkpoint (reference Grad-CAM) or export made with --cam-output "
+              "(default: the newest best.pt of the newest runs/train or runs/*/train).")
 @click.option("--class", "class_name", help="Also explain this class.")
 @crops_option
 @click.option("--errors", "errors_of", type=click.Path(exists=True, dir_okay=False),
@@ -198,8 +224,13 @@ def gradcam(images, model, class_name, crops, errors_of, data, limit, max_images
                             progress=not as_json),
              as_json, render_errors)
     elif images:
-        emit(gradcam_images(list(images), model=model, class_name=class_name, crops=crops,
-                            out=out or "runs/gradcam", progress=not as_json), as_json, render_gradcam)
+        from common.runs import newest_runs
+
+        picked = [] if model else [newest_runs("train")]
+        model = model or picked[0].newest
+        emit(with_picked(gradcam_images(list(images), model=model, class_name=class_name, crops=crops,
+                                        out=out or "runs/gradcam", progress=not as_json), picked),
+             as_json, render_gradcam)
     else:
         raise click.UsageError("give IMAGES, or --errors CHECKPOINT")
 
@@ -233,7 +264,7 @@ def validate(export_dir, data, out, limit, as_json):
 @click.option("--parity-images", default=200, show_default=True,
               help="Held-out images each graph is checked on (at most; spread over the classes).")
 @click.option("--out", default="runs/export", show_default=True, type=click.Path(file_okay=False))
-@click.option("--train-dir", default="runs/train", show_default=True, help="Where to find checkpoints when none is named.")
+@click.option("--train-dir", help="Where to find checkpoints when none is named (default: the newest runs/train or runs/*/train).")
 @json_option
 def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, tensorrt, max_batch, data, parity_images, out,
            train_dir, as_json):
@@ -241,12 +272,16 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
 
     A failed parity gate exits non-zero and names the gate and the tolerance that would have been needed.
     """
+    from common.runs import newest_runs
     from export import export_checkpoints
     from export.render import render_export
 
-    emit(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop_in_graph=ten_crop_in_graph,
+    picked = [newest_runs("train")] if not checkpoints and train_dir is None else []
+    train_dir = picked[0].folder if picked else train_dir
+    emit(with_picked(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop_in_graph=ten_crop_in_graph,
                             cam_output=cam_output, int8=int8, tensorrt=tensorrt, max_batch=max_batch, data=data,
-                            parity_images=parity_images, out=out, train_dir=train_dir, progress=not as_json), as_json, render_export)
+                            parity_images=parity_images, out=out, train_dir=train_dir, progress=not as_json), picked),
+         as_json, render_export)
 
 
 @cli.command()
@@ -269,8 +304,8 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
 @click.option("--eval-images", default=1000, show_default=True, help="Test images for accuracy/agreement (0: all).")
 @click.option("--threads", type=int, help="CPU threads for the model (default: all cores).")
 @click.option("--workers", type=int, help="end-to-end: decoding worker processes.")
-@click.option("--train-dir", default="runs/train", show_default=True)
-@click.option("--export-dir", default="runs/export", show_default=True)
+@click.option("--train-dir", help="Checkpoints to bench when no MODELS are named (default: the newest runs/train or runs/*/train).")
+@click.option("--export-dir", help="Exports to bench when no MODELS are named (default: the newest runs/export or runs/*/export).")
 @json_option
 def bench(models, batch, backends, precisions, device, mode, seconds, iters, warmup, use_compile, data, out, compare,
           eval_images, threads, workers, train_dir, export_dir, as_json):
@@ -278,11 +313,30 @@ def bench(models, batch, backends, precisions, device, mode, seconds, iters, war
     from bench import run_bench
     from bench.report import render_table
 
-    emit(run_bench(list(models) or None, batch=batch, backends=list(backends) or None, precisions=list(precisions) or None,
+    train_dir, export_dir, picked = _bench_folders(models, train_dir, export_dir)
+    emit(with_picked(run_bench(list(models) or None, batch=batch, backends=list(backends) or None, precisions=list(precisions) or None,
                    device=device, mode=mode, seconds=seconds, iters=iters, warmup=warmup, compile=use_compile, data=data,
                    out=out, compare=compare, train_dir=train_dir, export_dir=export_dir, eval_images=eval_images or None,
-                   threads=threads, workers=workers, progress=not as_json),
+                   threads=threads, workers=workers, progress=not as_json), picked),
          as_json, render_table)
+
+
+def _bench_folders(models, train_dir, export_dir):
+    """bench without MODELS: the newest trained runs and the newest exports, unless folders are named."""
+    from common.runs import newest_runs
+
+    picked = []
+    if models:
+        return train_dir or "runs/train", export_dir or "runs/export", picked
+    for kind, folder in (("train", train_dir), ("export", export_dir)):
+        if folder is None:
+            try:
+                picked.append(newest_runs(kind))
+            except FileNotFoundError:
+                if kind == "train":
+                    raise  # exports alone can be benched; no checkpoint and no export is an error
+    found = {p.kind: p.folder for p in picked}
+    return (train_dir or found.get("train", "runs/train"), export_dir or found.get("export", "runs/export"), picked)
 
 
 @cli.command()

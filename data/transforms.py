@@ -9,6 +9,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
+from common.errors import InputError
 from data.spec import PreprocessSpec
 
 _MODES = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
@@ -18,17 +19,28 @@ def interpolation_mode(spec: PreprocessSpec) -> T.InterpolationMode:
     return _MODES[spec.interpolation]
 
 
-def train_transform(spec: PreprocessSpec) -> T.Compose:
-    """Square resize, random affine, random crop, horizontal flip (never vertical), normalise."""
+AUGMENTATIONS = ("affine", "resized-crop")
+
+
+def train_transform(spec: PreprocessSpec, augment: str = "affine", min_scale: float = 0.35) -> T.Compose:
+    """Training augmentation ending in a normalised float [3, crop, crop]; flips are horizontal, never vertical.
+
+    "affine": square resize, random affine (15 degrees, 10 % shift, 0.9-1.1 scale), random crop.
+    "resized-crop": a random crop of ``min_scale``..1 of the image's area and 3/4..4/3 aspect, resized
+    to the crop side (the ImageNet recipe's augmentation).
+    """
     mode = interpolation_mode(spec)
-    return T.Compose([
-        T.Resize((spec.resize, spec.resize), interpolation=mode, antialias=True),
-        T.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), interpolation=mode),
-        T.RandomCrop(spec.crop),
-        T.RandomHorizontalFlip(p=0.5),
-        T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
-    ])
+    if augment == "affine":
+        geometry = [
+            T.Resize((spec.resize, spec.resize), interpolation=mode, antialias=True),
+            T.RandomAffine(degrees=15, translate=(0.1, 0.1), scale=(0.9, 1.1), interpolation=mode),
+            T.RandomCrop(spec.crop),
+        ]
+    elif augment == "resized-crop":
+        geometry = [T.RandomResizedCrop(spec.crop, scale=(min_scale, 1.0), interpolation=mode, antialias=True)]
+    else:
+        raise InputError(f"unknown augmentation {augment!r}: use one of {', '.join(AUGMENTATIONS)}")
+    return T.Compose(geometry + [T.RandomHorizontalFlip(p=0.5), T.ToTensor(), T.Normalize(spec.mean, spec.std)])
 
 
 def resize_uint8(img: Image.Image, spec: PreprocessSpec) -> Tensor:

@@ -39,7 +39,8 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
     ]
     for arch, t in r["training"].items():
         blocks.append(("img", os.path.join(t["run_dir"], "curves.png"),
-                       f"{arch}: {t['epochs']} epochs, best val top-1 {t['best_val_top1']:.1f}% (1 crop) at epoch {t['best_epoch']}"))
+                       f"{arch}: {t['epochs']} epochs, best val top-1 {t['best_val_top1']:.1f}% (1 crop) at epoch "
+                       f"{t['best_epoch']}; {t['seconds_this_run']:.0f} s; recipe: {t.get('recipe', 'not recorded')}"))
     blocks += [("h2", "Export parity against the PyTorch fp32 reference"),
                ("pre", format_parity_table(r["export"]["exports"])),
                ("p", f"TensorRT: {r['export']['tensorrt']}")]

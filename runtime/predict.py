@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import csv as csv_format
-import glob
 import io
 import os
 
 import torch
 
 from common import atomic_write, topk_indices
-from common.errors import InputError, MissingFileError
+from common.errors import InputError
+from common.runs import newest_runs
 from data.folder import is_image_name
 from runtime.loader import load
 from runtime.pipeline import run_files
-
-TRAIN_RUNS = os.path.join("runs", "train")
-
 
 def predict_files(model_path, paths, *, backend: str = "auto", device: str = "auto", precision: str = "fp32",
                   batch: int = 64, crops: int = 10, topk: int = 5, csv=None, workers: int | None = None,
@@ -24,7 +21,7 @@ def predict_files(model_path, paths, *, backend: str = "auto", device: str = "au
 
     Each result is {"path", "top": [{"class", "prob"}]} (softmax of the crop-averaged logits, best
     first) or {"path", "error"}. "ok" is False when any file failed. model_path None: the newest
-    runs/train/*/best.pt. `csv`: also write the results there (atomically).
+    best.pt of the newest trained runs (common.runs). `csv`: also write the results there (atomically).
     """
     if topk < 1:
         raise InputError(f"topk must be at least 1, got {topk}")
@@ -89,12 +86,9 @@ def expand_paths(paths) -> tuple[list[str], list[tuple[str, str]]]:
     return files, unlistable
 
 
-def newest_checkpoint(runs: str = TRAIN_RUNS) -> str:
-    candidates = glob.glob(os.path.join(runs, "*", "best.pt"))
-    if not candidates:
-        raise MissingFileError(f"no trained model found ({runs}/*/best.pt); train one first "
-                               "(`python cli.py train`) or pass --model")
-    return max(candidates, key=os.path.getmtime)
+def newest_checkpoint() -> str:
+    """The newest best.pt of the newest trained runs (runs/train or e.g. runs/demo/train)."""
+    return newest_runs("train").newest
 
 
 def results_csv(results: list[dict], topk: int) -> str:

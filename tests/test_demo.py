@@ -1,25 +1,17 @@
 """The main job end to end: `demo --quick` on the small embedded set, and its report in a real browser."""
 import base64
-import json
 import re
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    done = subprocess.run([sys.executable, "cli.py", "demo", "--quick", "--out", str(out), "--json"], cwd=REPO,
-                          capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return json.loads(done.stdout), out
+def demo_run(quick_demo):
+    workdir, result = quick_demo
+    return result, workdir / "runs" / "demo"
 
 
 def test_demo_runs_every_stage_and_fills_the_report(demo_run):

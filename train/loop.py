@@ -25,13 +25,16 @@ from common import accuracy_report, atomic_write_json
 from common.device import autocast_dtype, default_workers, resolve_device
 from common.errors import ExistingFileError, InputError, MissingFileError
 from data import ImageDataset, collate_skip_bad, eval_transform, train_transform
+from data.spec import PreprocessSpec
 from data.folder import scan_folder
 from data.split import load_split, make_split, save_split
 from data import synth
 from models import create_model, default_spec, list_models
 from models.checkpoint import save_checkpoint
+from train.ema import WeightEMA
 from train.history import plot_curves, write_csv
-from train.optim import default_lr, default_weight_decay, make_optimizer, warmup_cosine
+from train.optim import make_optimizer, warmup_cosine
+from train.recipe import apply_recipe, recipe_summary
 
 
 @dataclass
@@ -39,14 +42,20 @@ class TrainConfig:
     arch: str
     data: Optional[str] = None          # None: the embedded synthetic set
     quick_data: bool = False            # the small embedded set (tests, demo --quick)
-    epochs: int = 5
-    batch_size: int = 32
-    optimizer: str = "adamw"
-    lr: Optional[float] = None          # None: scaled from the batch size
-    weight_decay: Optional[float] = None  # None: 0.05 for AdamW, 5e-4 for SGD
+    # None in a recipe field (epochs ... synth_stream) means "the default recipe's" (train/recipe.py).
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    optimizer: Optional[str] = None     # "adamw" | "sgd" (Nesterov)
+    lr: Optional[float] = None          # peak; None: the recipe's, scaled from the batch size
+    weight_decay: Optional[float] = None
     dropout: float = 0.0
-    label_smoothing: float = 0.0
+    label_smoothing: Optional[float] = None
+    augment: Optional[str] = None       # data.transforms.AUGMENTATIONS
+    min_scale: Optional[float] = None   # augment "resized-crop": smallest crop, as a share of the image's area
+    ema: Optional[float] = None         # decay of the weight average that is validated and saved; 0: off
     image_size: Optional[int] = None    # crop side; None: the data set's / model's default
+    progressive_from: Optional[int] = None  # first epoch's crop side, growing linearly to image_size; 0: off
+    synth_stream: Optional[int] = None  # embedded set: fresh images per class per epoch; 0: the stored train split
     norm: Optional[str] = None          # "imagenet" | "half"; None: the model's default
     amp: Optional[bool] = None          # None: bf16 on CPUs with bf16 units, fp16 on CUDA
     channels_last: bool = True
@@ -57,7 +66,7 @@ class TrainConfig:
     name: Optional[str] = None
     resume: bool = False
     weights: Optional[str] = None       # xception_pretrained's ImageNet weights file
-    width_mult: float = 1.0
+    width_mult: Optional[float] = None  # None: the architecture's own width (xception_pretrained has only that)
     progress: bool = True
 
 
@@ -79,24 +88,28 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     root = config.data or synth.default_data_root(quick=config.quick_data)
     split = _load_or_make_split(root, run_dir, config, rank0, ddp)
     spec = _resolve_spec(config)
+    config = apply_recipe(config, spec.crop)
     torch.manual_seed(config.seed)
-    model_kwargs = {"dropout": config.dropout, "width_mult": config.width_mult}
+    model_kwargs = {"dropout": config.dropout}
+    if config.width_mult is not None:
+        model_kwargs["width_mult"] = config.width_mult
     build_kwargs = dict(model_kwargs, weights=config.weights) if config.weights else model_kwargs
     model = create_model(config.arch, num_classes=len(split.classes), **build_kwargs)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    train_set = ImageDataset(split.train, train_transform(spec))
+    train_images = _train_set_factory(config, split, root)
     val_set = ImageDataset(split.test, eval_transform(spec, crops=1))
-    steps_per_epoch = -(-len(train_set) // (config.batch_size * world_size))
-    lr = config.lr or default_lr(config.optimizer, config.batch_size)
-    weight_decay = default_weight_decay(config.optimizer) if config.weight_decay is None else config.weight_decay
-    optimizer = make_optimizer(model, config.optimizer, lr, weight_decay)
+    crop_sizes = epoch_crop_sizes(config.epochs, spec.crop, config.progressive_from)
+    steps_per_epoch = -(-len(train_images(0, spec)) // (config.batch_size * world_size))
+    optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.epochs * steps_per_epoch, warmup_steps=steps_per_epoch)
+    ema = WeightEMA(model, config.ema) if config.ema else None
     history, start_epoch, best_top1 = [], 0, -1.0
     if config.resume:
-        history, start_epoch, best_top1 = _restore(run_dir / "last.pt", model, optimizer, scheduler, device)
+        history, start_epoch, best_top1 = _restore(run_dir / "last.pt", model, optimizer, scheduler, ema, device)
+    evaluated = ema.model if ema else model  # what is validated and saved
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
 
     amp_dtype = autocast_dtype(device) if config.amp in (None, True) else None
@@ -112,13 +125,15 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
-        loader = _epoch_loader(train_set, config, epoch, workers, ddp, device)
+        epoch_spec = _with_crop(spec, crop_sizes[epoch])
+        loader = _epoch_loader(train_images(epoch, epoch_spec), config, epoch, workers, ddp, device)
         train_loss, train_top1 = _train_epoch(
-            net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped,
+            net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped, ema,
             desc=f"{config.arch} epoch {epoch + 1}/{config.epochs}", show=rank0 and config.progress)
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "train_loss": train_loss, "train_top1": train_top1}
+        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "crop": epoch_spec.crop,
+               "train_loss": train_loss, "train_top1": train_top1}
         if rank0:
-            row.update(_validate(model, val_set, config, amp_dtype, device, criterion, workers, skipped))
+            row.update(_validate(evaluated, val_set, config, amp_dtype, device, criterion, workers, skipped))
             row["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(row)
             record.update(history=history, epochs_done=epoch + 1, skipped_images=sorted(skipped.items()))
@@ -126,10 +141,13 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
             if row["val_top1"] > best_top1:
                 best_top1 = row["val_top1"]
                 record["best_epoch"] = epoch + 1
-                save_checkpoint(run_dir / "best.pt", model, record=record, **meta)
+                save_checkpoint(run_dir / "best.pt", evaluated, record=record, **meta)
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "epoch": epoch + 1, "best_top1": best_top1}
-            save_checkpoint(run_dir / "last.pt", model, record=record, extra=state, **meta)
+            if ema:
+                state["ema"] = ema.state_dict()
+                state["trained_weights"] = model.state_dict()  # the checkpoint holds the average
+            save_checkpoint(run_dir / "last.pt", evaluated, record=record, extra=state, **meta)
             write_csv(history, run_dir / "metrics.csv")
             plot_curves(history, run_dir / "curves.png", f"{config.arch} on {Path(root).name}")
             _log(f"epoch {epoch + 1}: train loss {train_loss:.3f} top-1 {train_top1:.1f}% | "
@@ -150,7 +168,7 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
         "params": sum(p.numel() for p in model.parameters()), "epochs": len(history),
         "best_epoch": record.get("best_epoch"), "best_val_top1": best_top1,
         "final": history[-1] if history else None, "seconds_this_run": round(time.perf_counter() - started, 1),
-        "world_size": world_size,
+        "world_size": world_size, "recipe": recipe_summary(config),
         "device": str(device), "amp": record["amp"], "skipped_images": sorted(skipped.items()),
     }
     atomic_write_json(run_dir / "train.json", summary)
@@ -162,6 +180,38 @@ def _resolve_spec(config: TrainConfig):
     crop side when training on it) and --norm when given."""
     crop = config.image_size or (synth.embedded_crop(config.quick_data) if config.data is None else None)
     return default_spec(config.arch, crop=crop, norm=config.norm)
+
+
+def epoch_crop_sizes(epochs: int, final: int, start: Optional[int]) -> list[int]:
+    """Crop side of every epoch: progressive resizing grows it linearly from ``start`` (multiples of
+    8) and always ends at ``final``, the test-time crop; None or 0: ``final`` throughout."""
+    if not start or epochs < 2:
+        return [final] * epochs
+    if not 16 <= start <= final:
+        raise InputError(f"progressive resizing must start between 16 px and the final crop ({final} px), got {start}")
+    ramp = [start + (final - start) * e / (epochs - 1) for e in range(epochs)]
+    return [min(final, 8 * round(size / 8)) for size in ramp[:-1]] + [final]
+
+
+def _with_crop(spec: PreprocessSpec, crop: int) -> PreprocessSpec:
+    if crop == spec.crop:
+        return spec
+    return dataclasses.replace(spec, crop=crop, resize=spec_for_crop(crop).resize)
+
+
+def _train_set_factory(config: TrainConfig, split, root: str) -> Callable:
+    """(epoch, spec) -> the epoch's training set: the split's training images, or the synthetic stream."""
+    augment = dict(augment=config.augment, min_scale=config.min_scale)
+    if not config.synth_stream:
+        return lambda epoch, spec: ImageDataset(split.train, train_transform(spec, **augment))
+    if config.data is not None:
+        raise InputError("--synth-stream draws images of the embedded set: it cannot be used with --data")
+    params = synth.QUICK_SET if config.quick_data else synth.FULL_SET
+    if split.classes != synth.class_folder_names(params["classes"]):
+        raise InputError(f"{root} does not hold the embedded set's classes: regenerate it (delete the folder)")
+    return lambda epoch, spec: synth.SynthStream(
+        params["classes"], config.synth_stream, params["size"], params["seed"] + 1_000 * config.seed, epoch,
+        train_transform(spec, **augment))
 
 
 def _load_or_make_split(root, run_dir: Path, config: TrainConfig, rank0: bool, ddp: bool):
@@ -192,7 +242,8 @@ def _epoch_loader(dataset, config: TrainConfig, epoch: int, workers: int, ddp: b
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
-def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped, desc, show):
+def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped, ema,
+                 desc, show):
     net.train()
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True)
@@ -212,6 +263,8 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, amp_dtype
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if ema:
+            ema.update(net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net)
         loss_sum += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
@@ -244,12 +297,16 @@ def _validate(model, dataset, config, amp_dtype, device, criterion, workers, ski
     return {"val_loss": criterion(logits, labels).item(), "val_top1": report["top1"], "val_top5": report["top5"]}
 
 
-def _restore(path: Path, model, optimizer, scheduler, device):
+def _restore(path: Path, model, optimizer, scheduler, ema, device):
     if not path.exists():
         raise MissingFileError(f"--resume: no {path} to continue from")
     ckpt = torch.load(path, map_location=device, weights_only=True)
-    model.load_state_dict(ckpt["state_dict"])
     state = ckpt["extra"]
+    if (ema is None) != ("ema" not in state):
+        raise InputError(f"--resume: {path} was trained {'with' if 'ema' in state else 'without'} --ema; resume it the same way")
+    model.load_state_dict(state["trained_weights"] if ema else ckpt["state_dict"])
+    if ema:
+        ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _log(f"resuming {path} after epoch {state['epoch']}")

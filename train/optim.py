@@ -24,17 +24,6 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) 
     raise InputError(f"unknown optimizer {name!r}: use sgd or adamw")
 
 
-def default_lr(optimizer: str, batch_size: int) -> float:
-    # Linearly scaled. SGD: the ImageNet recipe's 0.1 at batch 256 (twice that made ResNet26 diverge
-    # here). AdamW: 2e-3 at batch 32, which on the embedded set reached 20.6 % val top-1 in 7 epochs
-    # where SGD at 0.1 (batch 64) stayed at chance (8.4 %).
-    return 0.1 * batch_size / 256 if optimizer == "sgd" else 2e-3 * batch_size / 32
-
-
-def default_weight_decay(optimizer: str) -> float:
-    return 5e-4 if optimizer == "sgd" else 0.05
-
-
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int):
     total_steps = max(total_steps, 1)
     warmup_steps = min(warmup_steps, total_steps - 1)

@@ -1,0 +1,82 @@
+"""The default training recipe: what `cli.py train` does with every setting the user leaves unset.
+
+One recipe for networks trained from scratch, on the embedded set and on a Caltech-256 folder alike,
+chosen by measuring accuracy per CPU-minute (docs/RECIPES.md lists every recipe tried, losers
+included); one for the ImageNet Xception's head fine-tune. Nothing here depends on the data being
+synthetic except the stream of fresh images, which only the embedded set can offer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    batch_size: int
+    optimizer: str               # "adamw" | "sgd" (Nesterov)
+    lr_per_32: float             # peak learning rate at batch 32, scaled linearly with the batch size
+    weight_decay: float          # never on BatchNorm or biases
+    label_smoothing: float
+    augment: str                 # data.transforms.AUGMENTATIONS
+    min_scale: float             # augment "resized-crop": smallest crop as a share of the image area
+    ema: Optional[float]         # decay of the validated and saved weight average; None: off
+    progressive_start: Optional[float]  # first epoch's crop as a share of the final crop; None: fixed size
+    stream_per_class: int        # embedded set: fresh images per class per epoch (0: the stored split)
+
+
+FROM_SCRATCH = Recipe(epochs=5, batch_size=32, optimizer="adamw", lr_per_32=4e-3, weight_decay=0.05,
+                      label_smoothing=0.1, augment="affine", min_scale=0.35, ema=None, progressive_start=None,
+                      stream_per_class=320)
+# Only the new classifier trains (the trunk and its BatchNorm statistics stay ImageNet's), so
+# nothing that reshapes the trunk's inputs or its statistics: fixed size, no stream-sized epochs.
+HEAD_FINETUNE = Recipe(epochs=2, batch_size=32, optimizer="adamw", lr_per_32=1e-3, weight_decay=0.0,
+                       label_smoothing=0.1, augment="resized-crop", min_scale=0.35, ema=None,
+                       progressive_start=None, stream_per_class=0)
+
+
+def recipe_for(arch: str) -> Recipe:
+    return HEAD_FINETUNE if arch == "xception_pretrained" else FROM_SCRATCH
+
+
+# The starting point when the user picks the other optimiser: the ImageNet SGD recipe's 0.1 at batch
+# 256 (twice that diverged here), and AdamW's usual 0.05 weight decay.
+OTHER_OPTIMIZER = {"sgd": {"lr_per_32": 0.1 * 32 / 256, "weight_decay": 5e-4},
+                   "adamw": {"lr_per_32": 2e-3, "weight_decay": 0.05}}
+
+
+def apply_recipe(config, final_crop: int):
+    """``config`` (a TrainConfig) with every unset (None) recipe field filled from the arch's recipe.
+
+    ``final_crop`` is the test-time crop side, where progressive resizing ends.
+    """
+    recipe = recipe_for(config.arch)
+    chosen = {f: getattr(config, f) for f in ("epochs", "batch_size", "optimizer", "label_smoothing", "augment",
+                                              "min_scale", "ema")}
+    filled = {f: getattr(recipe, f) if value is None else value for f, value in chosen.items()}
+    own = recipe if filled["optimizer"] == recipe.optimizer else Recipe(**{
+        **dataclasses.asdict(recipe), **OTHER_OPTIMIZER[filled["optimizer"]]})
+    filled["lr"] = own.lr_per_32 * filled["batch_size"] / 32 if config.lr is None else config.lr
+    filled["weight_decay"] = own.weight_decay if config.weight_decay is None else config.weight_decay
+    if config.progressive_from is None:
+        start = recipe.progressive_start
+        filled["progressive_from"] = max(16, 8 * round(final_crop * start / 8)) if start else 0
+    if config.synth_stream is None:  # the stream replaces the full embedded set's stored training images
+        filled["synth_stream"] = recipe.stream_per_class if config.data is None and not config.quick_data else 0
+    return dataclasses.replace(config, **filled)
+
+
+def recipe_summary(config) -> str:
+    """One line naming what a run was trained with (train.json, the demo's report)."""
+    parts = [f"{config.epochs} epochs", f"batch {config.batch_size}", f"{config.optimizer} lr {config.lr:g}",
+             f"weight decay {config.weight_decay:g}", f"label smoothing {config.label_smoothing:g}",
+             f"{config.augment} augmentation"]
+    if config.ema:
+        parts.append(f"EMA {config.ema:g}")
+    if config.progressive_from:
+        parts.append(f"progressive resizing from {config.progressive_from} px")
+    if config.synth_stream:
+        parts.append(f"{config.synth_stream} fresh images per class per epoch")
+    return ", ".join(parts)
