@@ -2,7 +2,7 @@
 
     python cli.py demo                 the whole pipeline on the embedded data set
     python cli.py train resnet26       train (or fine-tune) one architecture
-    python cli.py eval CHECKPOINT      accuracy on the saved split's test part (1 or 10 crops)
+    python cli.py eval CHECKPOINT      accuracy on the saved split's test part (1, 10 or dense crops)
     python cli.py export --fp16        ONNX fp32/fp16 (+ TensorRT) of every checkpoint and their ensemble
     python cli.py predict IMG...       batched 10-crop inference through any backend
     python cli.py bench --batch 64     speed, accuracy and agreement of every backend side by side
@@ -25,7 +25,7 @@ from common.errors import UserError
 # waiting must be chosen before torch loads OpenMP; the user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from data.crops import CROP_MODES  # noqa: E402 - loads torch, so only after the OpenMP setting
+from data.crops import CROP_MODES, TEN_CROP_PLACES  # noqa: E402 - loads torch, so only after the OpenMP setting
 from data.heldout import DATA_HELP  # noqa: E402
 
 
@@ -96,6 +96,8 @@ def data_check(path, verify, as_json):
 @click.option("--dropout", default=0.0, show_default=True, help="Dropout before the classifier.")
 @click.option("--label-smoothing", default=0.0, show_default=True)
 @click.option("--image-size", type=int, help="Crop side (test resize = crop·256/224). Default: the data set's.")
+@click.option("--resize", type=int, help="Resize side before cropping, in training and testing (default crop·256/224; "
+                                        "dense ten crops need resize - crop a multiple of the output stride, e.g. 128 for 96).")
 @click.option("--norm", type=click.Choice(["imagenet", "half"]), help="Normalisation: ImageNet mean/std, or mean=std=0.5.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16 on CPUs with bf16 units, fp16 on CUDA). Default: on where fast.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -108,7 +110,7 @@ def data_check(path, verify, as_json):
 @click.option("--width-mult", default=1.0, show_default=True, help="Scale every layer's width (tiny models for experiments).")
 @json_option
 def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_decay, dropout, label_smoothing,
-          image_size, norm, amp, device, workers, seed, out, name, resume, weights, width_mult, as_json):
+          image_size, resize, norm, amp, device, workers, seed, out, name, resume, weights, width_mult, as_json):
     """Train ARCH (resnet18, resnet26, xception_small, xception_medium, xception_pretrained).
 
     Works under `torchrun --nproc_per_node N cli.py train ...` (DistributedDataParallel).
@@ -117,7 +119,7 @@ def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_deca
 
     config = TrainConfig(arch=arch, data=data, quick_data=quick_data, epochs=epochs, batch_size=batch_size,
                          optimizer=optimizer, lr=lr, weight_decay=weight_decay, dropout=dropout,
-                         label_smoothing=label_smoothing, image_size=image_size, norm=norm, amp=amp,
+                         label_smoothing=label_smoothing, image_size=image_size, resize=resize, norm=norm, amp=amp,
                          device=device, workers=workers, seed=seed, out=out, name=name, resume=resume,
                          weights=weights, width_mult=width_mult, progress=not as_json)
     result = train_model(config)
@@ -223,7 +225,11 @@ def validate(export_dir, data, out, limit, as_json):
 @click.argument("checkpoints", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--fp16", is_flag=True, help="Also an fp16 graph (weights and arithmetic; logits still fp32).")
 @click.option("--ensemble/--no-ensemble", default=None, help="Also the logit-sum ensemble (default: with 2+ checkpoints).")
-@click.option("--ten-crop-in-graph", is_flag=True, help="The graph takes resized uint8 images and cuts/averages the ten crops itself.")
+@click.option("--ten-crop", type=click.Choice(list(TEN_CROP_PLACES)), default=None,
+              help="host (default): the graph takes normalised crops, cut outside; graph: it takes the resized uint8 "
+                   "image and cuts/averages the exact ten crops itself; dense: it takes the resized uint8 image and "
+                   "computes dense ten crops (trunk on image + mirror, crops as feature-map windows).")
+@click.option("--ten-crop-in-graph", is_flag=True, help="Same as --ten-crop graph (kept for older scripts).")
 @click.option("--cam-output", is_flag=True, help="Second output: the feature map entering global pooling (CAM parity).")
 @click.option("--int8", is_flag=True, help="Also a static int8 QDQ graph calibrated on training images (own parity gate).")
 @click.option("--tensorrt", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -235,7 +241,7 @@ def validate(export_dir, data, out, limit, as_json):
 @click.option("--out", default="runs/export", show_default=True, type=click.Path(file_okay=False))
 @click.option("--train-dir", default="runs/train", show_default=True, help="Where to find checkpoints when none is named.")
 @json_option
-def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, tensorrt, max_batch, data, parity_images, out,
+def export(checkpoints, fp16, ensemble, ten_crop, ten_crop_in_graph, cam_output, int8, tensorrt, max_batch, data, parity_images, out,
            train_dir, as_json):
     """Export CHECKPOINTS (default: every runs/train/*/best.pt, plus their ensemble) and verify each against PyTorch.
 
@@ -244,7 +250,10 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
     from export import export_checkpoints
     from export.render import render_export
 
-    emit(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop_in_graph=ten_crop_in_graph,
+    if ten_crop_in_graph and ten_crop not in (None, "graph"):
+        raise click.UsageError(f"--ten-crop-in-graph means --ten-crop graph; it contradicts --ten-crop {ten_crop}")
+    ten_crop = "graph" if ten_crop_in_graph else (ten_crop or "host")
+    emit(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop=ten_crop,
                             cam_output=cam_output, int8=int8, tensorrt=tensorrt, max_batch=max_batch, data=data,
                             parity_images=parity_images, out=out, train_dir=train_dir, progress=not as_json), as_json, render_export)
 
@@ -263,6 +272,9 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
 @click.option("--iters", type=int, help="Fixed number of timed iterations per row instead of --seconds.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed iterations first.")
 @click.option("--compile", "use_compile", is_flag=True, help="Also torch.compile rows (and CUDA graphs on a GPU).")
+@click.option("--crops", "crop_modes", multiple=True, type=click.Choice(list(CROP_MODES)),
+              help="Crop modes to measure; repeatable (default: 10, and an export's in-graph mode). "
+                   "Agreement is always against the exact ten-crop fp32 reference.")
 @held_out_data_option
 @click.option("--out", type=click.Path(dir_okay=False), help="JSON path (default runs/bench/bench-<time>.json; CSV and PNG beside it).")
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), help="An earlier bench JSON: print the ratio per row.")
@@ -272,7 +284,8 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
 @click.option("--train-dir", default="runs/train", show_default=True)
 @click.option("--export-dir", default="runs/export", show_default=True)
 @json_option
-def bench(models, batch, backends, precisions, device, mode, seconds, iters, warmup, use_compile, data, out, compare,
+def bench(models, batch, backends, precisions, device, mode, seconds, iters, warmup, use_compile, crop_modes, data, out,
+          compare,
           eval_images, threads, workers, train_dir, export_dir, as_json):
     """Speed, accuracy and agreement of every backend and precision, side by side (MODELS: default all)."""
     from bench import run_bench
@@ -281,7 +294,7 @@ def bench(models, batch, backends, precisions, device, mode, seconds, iters, war
     emit(run_bench(list(models) or None, batch=batch, backends=list(backends) or None, precisions=list(precisions) or None,
                    device=device, mode=mode, seconds=seconds, iters=iters, warmup=warmup, compile=use_compile, data=data,
                    out=out, compare=compare, train_dir=train_dir, export_dir=export_dir, eval_images=eval_images or None,
-                   threads=threads, workers=workers, progress=not as_json),
+                   threads=threads, workers=workers, crops=list(crop_modes) or None, progress=not as_json),
          as_json, render_table)
 
 

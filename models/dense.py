@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from common.errors import InputError
 from data.geometry import ten_crop_boxes
 from data.spec import PreprocessSpec
 from data.transforms import normalize
@@ -55,8 +56,9 @@ _STRIDE_PROBE = 512 * 9
 _CORNERS = 4  # TL, TR, BL, BR: the first four of five_crop's boxes, the fifth is the centre
 
 
-class DenseGeometryError(ValueError):
-    """The ten crops' windows do not fall on the trunk's feature-map grid for this resize and crop."""
+class DenseGeometryError(InputError):
+    """The ten crops' windows do not fall on the trunk's feature-map grid for this resize and crop
+    (the user's choice of geometry: the CLI prints it as one line; a ValueError too)."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,15 @@ def _window_weights(geometry: DenseGeometry, centre: str) -> Tensor:
     maps = [torch.outer(_axis_weights(geometry.image_cells, top, geometry.crop_cells),
                         _axis_weights(geometry.image_cells, left, geometry.crop_cells)) for top, left in rows_cols]
     return torch.stack(maps) / geometry.crop_cells ** 2
+
+
+def dense_flops(model: nn.Module, spec: PreprocessSpec, centre: str = DEFAULT_CENTRE) -> int:
+    """Forward FLOPs of dense ten crops per image (models.complexity): the trunk on the image and its
+    mirror, plus the centre crop and its mirror when the centre has its own pass."""
+    from models.complexity import model_flops
+
+    centre_passes = 2 if centre == "pass" else 0
+    return 2 * model_flops(model, spec.resize) + centre_passes * model_flops(model, spec.crop)
 
 
 class DenseTenCropModel(nn.Module):

@@ -35,10 +35,10 @@ def _calibration(io: dict) -> torch.Tensor:
     return torch.randn(8, 3, SPEC.crop, SPEC.crop, generator=generator)
 
 
-def _graph_kinds(model, folder, stem: str, *, ten_crop: bool, cam: bool) -> dict:
+def _graph_kinds(model, folder, stem: str, *, ten_crop: str, cam: bool) -> dict:
     """{kind: path} of the fp32, fp16 and both int8 graphs (ONNX Runtime's uint8 one, TensorRT's sibling)."""
     fp32 = folder / f"{stem}.onnx"
-    info = export_onnx(model, fp32, spec=SPEC, ten_crop_in_graph=ten_crop, cam_output=cam)
+    info = export_onnx(model, fp32, spec=SPEC, ten_crop=ten_crop, cam_output=cam)
     fp16 = folder / f"{stem}_fp16.onnx"
     onnx.save(convert_to_fp16(onnx.load(fp32)), fp16)
     paths = {"fp32": fp32, "fp16": fp16}
@@ -54,13 +54,13 @@ def graphs(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("trt-support")
     graphs = {}
     for name in list_models():
-        graphs[name] = _graph_kinds(_tiny(name), folder, name, ten_crop=False, cam=True)
-    graphs["ten-crop in graph"] = _graph_kinds(_tiny("resnet18"), folder, "tencrop", ten_crop=True, cam=False)
+        graphs[name] = _graph_kinds(_tiny(name), folder, name, ten_crop="host", cam=True)
+    graphs["ten-crop in graph"] = _graph_kinds(_tiny("resnet18"), folder, "tencrop", ten_crop="graph", cam=False)
     pair = Ensemble([_tiny("resnet18", 0), _tiny("resnet26", 1)]).eval()
-    graphs["ensemble"] = _graph_kinds(pair, folder, "ensemble", ten_crop=False, cam=True)
+    graphs["ensemble"] = _graph_kinds(pair, folder, "ensemble", ten_crop="host", cam=True)
     graphs["ensemble, ten-crop in graph"] = {
         "fp32": folder / "ensemble_tencrop.onnx"}
-    export_onnx(pair, graphs["ensemble, ten-crop in graph"]["fp32"], spec=SPEC, ten_crop_in_graph=True)
+    export_onnx(pair, graphs["ensemble, ten-crop in graph"]["fp32"], spec=SPEC, ten_crop="graph")
     return graphs
 
 

@@ -47,6 +47,7 @@ class TrainConfig:
     dropout: float = 0.0
     label_smoothing: float = 0.0
     image_size: Optional[int] = None    # crop side; None: the data set's / model's default
+    resize: Optional[int] = None        # resize side before cropping; None: crop·256/224
     norm: Optional[str] = None          # "imagenet" | "half"; None: the model's default
     amp: Optional[bool] = None          # None: bf16 on CPUs with bf16 units, fp16 on CUDA
     channels_last: bool = True
@@ -159,9 +160,9 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
 
 def _resolve_spec(config: TrainConfig):
     """The architecture's preprocessing (models.default_spec), at --image-size (else the embedded set's
-    crop side when training on it) and --norm when given."""
+    crop side when training on it), --resize and --norm when given."""
     crop = config.image_size or (synth.embedded_crop(config.quick_data) if config.data is None else None)
-    return default_spec(config.arch, crop=crop, norm=config.norm)
+    return default_spec(config.arch, crop=crop, norm=config.norm, resize=config.resize)
 
 
 def _load_or_make_split(root, run_dir: Path, config: TrainConfig, rank0: bool, ddp: bool):
