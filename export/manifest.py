@@ -39,11 +39,15 @@ def write_manifest(export_dir, manifest: dict) -> str:
     return path
 
 
-def graph_crops(manifest: dict) -> str | None:
-    """The crop mode an export's graph computes ("10", "dense"), or None when it takes crops.
+def ten_crop_place(manifest: dict) -> str:
+    """Where an export makes its ten crops (data.crops.TEN_CROP_PLACES: "host", "graph", "dense").
     Manifests from before dense exports record only ``ten_crop_in_graph``."""
-    place = manifest.get("ten_crop", "graph" if manifest.get("ten_crop_in_graph") else "host")
-    return TEN_CROP_PLACES[place]
+    return manifest.get("ten_crop", "graph" if manifest.get("ten_crop_in_graph") else "host")
+
+
+def graph_crops(manifest: dict) -> str | None:
+    """The crop mode an export's graph computes ("10", "dense"), or None when it takes crops."""
+    return TEN_CROP_PLACES[ten_crop_place(manifest)]
 
 
 def listed_files(manifest: dict) -> list[dict]:
