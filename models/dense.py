@@ -247,7 +247,7 @@ class DenseTenCropModel(nn.Module):
             centres = both[:, :, box.top:box.top + box.size, box.left:box.left + box.size]
             centre_logits = self.model.forward_head(self.model.forward_features(centres)).float()
             window_logits = torch.cat([window_logits, centre_logits.unsqueeze(1)], dim=1)
-        batch = x.shape[0]
+        batch = images.shape[0]  # of the float tensor: TensorRT reads no Shape of a uint8 input
         # [2B, n, K] -> [B, 2n, K]: the image's five (or four) windows, then the mirror's, as TenCrop orders them.
         crop_logits = torch.cat([window_logits[:batch], window_logits[batch:]], dim=1)
         return crop_logits, features
