@@ -29,6 +29,7 @@ from gradcam.dense import dense_targets, image_and_mirror_to_image
 from gradcam.tencrop import ImageCam, crops_to_image, image_cam, peak, per_crop_targets
 from models.checkpoint import load_checkpoint
 from models.ensemble import Ensemble
+from runtime.predictor import crop_mode_mismatch
 
 
 class ExportedCam:
@@ -70,8 +71,7 @@ class ExportedCam:
         """InputError when the graph cannot give crop mode ``crops``, naming the export that can."""
         mode = crop_mode(crops)
         if self.graph_crops is not None and mode.name != self.graph_crops:
-            raise InputError(f"export {self.name!r} computes crops={self.graph_crops} inside its graph; "
-                             f"it cannot explain crops={mode.name} (use {self.graph_crops})")
+            raise InputError(crop_mode_mismatch(f"export {self.name!r}", self.graph_crops, mode.name))
         if self.graph_crops is None and not mode.cuts_crops:
             raise InputError(f"export {self.name!r} takes crops; dense CAM needs an export made with "
                              "--ten-crop dense --cam-output")

@@ -10,12 +10,19 @@ import torch
 from torch import Tensor
 
 from common.errors import UserError
-from data.crops import crop_mode
+from data.crops import DENSE, TEN, crop_mode
 from data.spec import PreprocessSpec
 
 
 class BackendError(UserError, RuntimeError):
     """A backend that does not exist, is not available here, or cannot run the given model."""
+
+
+def crop_mode_mismatch(source: str, graph_crops: str, asked: str) -> str:
+    """One line: which crop mode an export's graph computes, and which export gives the mode asked for."""
+    inside = "dense ten crops" if graph_crops == DENSE.name else "the ten crops"
+    make = {DENSE.name: "--ten-crop dense", TEN.name: "--ten-crop graph (or host)"}.get(asked, "--ten-crop host")
+    return f"{source}: this export computes {inside} inside its graph (crops={graph_crops} only); for crops={asked} export with {make}"
 
 
 class Predictor:
@@ -90,19 +97,12 @@ class Predictor:
         images = images.to(self.device, non_blocking=True)
         if self.graph_crops is not None:
             if mode.name != self.graph_crops:
-                raise BackendError(self._graph_mode_mismatch(mode.name))
+                raise BackendError(crop_mode_mismatch(self.source, self.graph_crops, mode.name))
             return self._in_chunks(self._forward_images, images).float()
         if not mode.cuts_crops:
             return self._in_chunks(self._forward_dense, images).float()
         crops_in = mode.cut(images, self.spec).flatten(0, 1)
         return mode.reduce(self._in_chunks(self._forward_crops, crops_in).float())
-
-    def _graph_mode_mismatch(self, asked: str) -> str:
-        """One line: which crop mode this export's graph computes, and which export gives the one asked for."""
-        inside = "dense ten crops" if self.graph_crops == "dense" else "the ten crops"
-        make = {"dense": "--ten-crop dense", "10": "--ten-crop graph (or host)", "1": "--ten-crop host"}[asked]
-        return (f"{self.source}: this export computes {inside} inside its graph (crops={self.graph_crops} only); "
-                f"for crops={asked} export with {make}")
 
     def _in_chunks(self, forward, x: Tensor) -> Tensor:
         if self.max_batch is None or x.shape[0] <= self.max_batch:

@@ -170,7 +170,7 @@ def test_exported_dense_cam_and_validate_report_the_exact_ten_crop_map(dense_run
     reference = image_cam(model.eval(), resized, DENSE_SPEC, crops="dense")
     exported = ExportedCam(dense_export, "fp32").image_cams(resized, "dense", [reference.targets])[0]
     assert min(pearson(a, b) for a, b in zip(reference.maps, exported.maps)) > 0.999
-    with pytest.raises(UserError, match="computes crops=dense"):
+    with pytest.raises(UserError, match="computes dense ten crops inside its graph"):
         ExportedCam(dense_export, "fp32").image_cams(resized, 10)
     report = validate_export(dense_export["export_dir"], out=tmp_path / "validation", limit=4, progress=False)
     assert report["ok"], report.get("problems") or report.get("error")
