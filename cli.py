@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from data.crops import CROP_MODES, TEN_CROP_PLACES  # noqa: E402 - loads torch, so only after the OpenMP setting
 from data.heldout import DATA_HELP  # noqa: E402
+from models.dense import CENTRE_MODES, DEFAULT_CENTRE  # noqa: E402
 
 
 def emit(result: dict, as_json: bool, render) -> None:
@@ -230,6 +231,9 @@ def validate(export_dir, data, out, limit, as_json):
                    "image and cuts/averages the exact ten crops itself; dense: it takes the resized uint8 image and "
                    "computes dense ten crops (trunk on image + mirror, crops as feature-map windows).")
 @click.option("--ten-crop-in-graph", is_flag=True, help="Same as --ten-crop graph (kept for older scripts).")
+@click.option("--dense-centre", type=click.Choice(CENTRE_MODES), default=DEFAULT_CENTRE, show_default=True,
+              help="--ten-crop dense: the centre crop gets its own trunk pass (about 4.6 crop passes), an "
+                   "interpolated window, or is dropped (both about 2.6).")
 @click.option("--cam-output", is_flag=True, help="Second output: the feature map entering global pooling (CAM parity).")
 @click.option("--int8", is_flag=True, help="Also a static int8 QDQ graph calibrated on training images (own parity gate).")
 @click.option("--tensorrt", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -241,7 +245,7 @@ def validate(export_dir, data, out, limit, as_json):
 @click.option("--out", default="runs/export", show_default=True, type=click.Path(file_okay=False))
 @click.option("--train-dir", default="runs/train", show_default=True, help="Where to find checkpoints when none is named.")
 @json_option
-def export(checkpoints, fp16, ensemble, ten_crop, ten_crop_in_graph, cam_output, int8, tensorrt, max_batch, data, parity_images, out,
+def export(checkpoints, fp16, ensemble, ten_crop, ten_crop_in_graph, dense_centre, cam_output, int8, tensorrt, max_batch, data, parity_images, out,
            train_dir, as_json):
     """Export CHECKPOINTS (default: every runs/train/*/best.pt, plus their ensemble) and verify each against PyTorch.
 
@@ -254,6 +258,7 @@ def export(checkpoints, fp16, ensemble, ten_crop, ten_crop_in_graph, cam_output,
         raise click.UsageError(f"--ten-crop-in-graph means --ten-crop graph; it contradicts --ten-crop {ten_crop}")
     ten_crop = "graph" if ten_crop_in_graph else (ten_crop or "host")
     emit(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop=ten_crop,
+                            dense_centre=dense_centre,
                             cam_output=cam_output, int8=int8, tensorrt=tensorrt, max_batch=max_batch, data=data,
                             parity_images=parity_images, out=out, train_dir=train_dir, progress=not as_json), as_json, render_export)
 

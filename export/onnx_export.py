@@ -41,7 +41,7 @@ from data.crops import TEN, TEN_CROP_PLACES
 from data.spec import PreprocessSpec
 from export.errors import ExportError
 from export.fp16 import convert_to_fp16
-from models.dense import DenseTenCropModel
+from models.dense import DEFAULT_CENTRE, DenseTenCropModel
 from models.ensemble import Ensemble
 from models.tencrop import TenCropModel
 
@@ -63,9 +63,11 @@ class ExportGraph(nn.Module):
     ``model`` is a classifier or an Ensemble, fp32, in eval mode.
     """
 
-    def __init__(self, model: nn.Module, spec: PreprocessSpec, *, ten_crop: str, cam_output: bool):
+    def __init__(self, model: nn.Module, spec: PreprocessSpec, *, ten_crop: str, cam_output: bool,
+                 dense_centre: str = DEFAULT_CENTRE):
         super().__init__()
-        self.net = images_model(model, spec, ten_crop, return_features=cam_output) if ten_crop != "host" else model
+        self.net = (images_model(model, spec, ten_crop, return_features=cam_output, centre=dense_centre)
+                    if ten_crop != "host" else model)
         self.ten_crop_in_graph = ten_crop != "host"
         self.cam_output = cam_output
 
@@ -81,10 +83,12 @@ class ExportGraph(nn.Module):
         return (logits, *(features if isinstance(features, (list, tuple)) else [features]))
 
 
-def images_model(model: nn.Module, spec: PreprocessSpec, ten_crop: str, return_features: bool = False) -> nn.Module:
-    """The module an images-in graph computes (and its PyTorch fp32 reference): exact or dense ten crops."""
+def images_model(model: nn.Module, spec: PreprocessSpec, ten_crop: str, return_features: bool = False,
+                 centre: str = DEFAULT_CENTRE) -> nn.Module:
+    """The module an images-in graph computes (and its PyTorch fp32 reference): exact or dense ten crops
+    (``centre``: how dense ten crops handle the centre crop, models.dense.CENTRE_MODES)."""
     if ten_crop == "dense":
-        return DenseTenCropModel(model, spec, return_features=return_features)
+        return DenseTenCropModel(model, spec, centre=centre, return_features=return_features)
     return TenCropModel(model, spec, return_features=return_features)
 
 
@@ -115,7 +119,8 @@ def example_input(spec: PreprocessSpec, ten_crop: str, batch: int = 2) -> Tensor
 
 
 def export_onnx(model: nn.Module, path, *, spec: PreprocessSpec, precision: str = "fp32",
-                ten_crop: str = "host", cam_output: bool = False, opset: int | None = None) -> dict:
+                ten_crop: str = "host", cam_output: bool = False, opset: int | None = None,
+                dense_centre: str = DEFAULT_CENTRE) -> dict:
     """Export ``model`` (a classifier or an Ensemble) to ``path`` atomically; returns the graph's io spec.
 
     The graph is checked with ``onnx.checker`` (full check, with shape inference), its inputs and
@@ -129,7 +134,7 @@ def export_onnx(model: nn.Module, path, *, spec: PreprocessSpec, precision: str 
     opset = DEFAULT_OPSET if opset is None else int(opset)
     path = os.fspath(path)
     net = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)
-    graph = ExportGraph(net, spec, ten_crop=ten_crop, cam_output=cam_output).eval()
+    graph = ExportGraph(net, spec, ten_crop=ten_crop, cam_output=cam_output, dense_centre=dense_centre).eval()
     example = example_input(spec, ten_crop)
     with torch.no_grad():
         outputs = graph(example)

@@ -35,6 +35,7 @@ from export.trt_support import check_tensorrt_support
 from models.checkpoint import CheckpointError, load_checkpoint, recorded_split_files
 from models.complexity import count_parameters
 from models.ensemble import Ensemble
+from models.dense import CENTRE_MODES, DEFAULT_CENTRE
 from models.tencrop import TenCropModel
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
@@ -150,7 +151,8 @@ def _versions(tensorrt_version: str | None) -> dict:
 
 
 def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = False, int8: bool = False,
-                       ensemble: bool | None = None, ten_crop: str = "host", cam_output: bool = False,
+                       ensemble: bool | None = None, ten_crop: str = "host", dense_centre: str = DEFAULT_CENTRE,
+                       cam_output: bool = False,
                        tensorrt: str = "auto", max_batch: int = 64, data=None, out="runs/export",
                        train_dir="runs/train", parity_images: int = PARITY_IMAGES, calibration_images: int = CALIBRATION_IMAGES,
                        opset: int | None = None, progress: bool = True) -> dict:
@@ -161,7 +163,8 @@ def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = Fal
     ``calibration_images`` training images of the checkpoint's split (of an ensemble: of its first member).
     ``ten_crop``: "host" (the graph takes normalised crops), "graph" (uint8 image in, the exact ten crops
     inside), "dense" (uint8 image in, dense ten crops inside, models.dense; its manifest also reports the
-    top-1 agreement of every artifact with the exact ten-crop PyTorch fp32 reference, not gated).
+    top-1 agreement of every artifact with the exact ten-crop PyTorch fp32 reference, not gated);
+    ``dense_centre``: the dense graph's centre crop (models.dense.CENTRE_MODES: own pass, interpolated, dropped).
     Every graph is checked against the PyTorch fp32 reference on ``parity_images`` held-out images;
     a failed gate does not stop the other exports: its manifest records ``parity.passed = false``,
     the failure is listed in ``failures``, and ``ok`` is False.
@@ -169,6 +172,8 @@ def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = Fal
     """
     build_trt, trt_line = resolve_mode(tensorrt)
     check_ten_crop(ten_crop)
+    if dense_centre not in CENTRE_MODES:
+        raise ExportError(f"dense_centre must be one of {', '.join(CENTRE_MODES)}, got {dense_centre!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ExportError(f"max_batch must be a positive integer, got {max_batch!r}")
     if isinstance(parity_images, bool) or not isinstance(parity_images, int) or parity_images < 1:
@@ -187,7 +192,7 @@ def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = Fal
         targets.append(("ensemble-" + "+".join(s.name for s in sources), sources))
 
     settings = {"fp16": fp16, "int8": int8, "calibration_images": calibration_images,
-                "ten_crop": ten_crop, "cam_output": cam_output,
+                "ten_crop": ten_crop, "dense_centre": dense_centre, "cam_output": cam_output,
                 "build_trt": build_trt, "max_batch": max_batch, "data": data, "out": os.fspath(out),
                 "parity_images": parity_images, "opset": opset, "progress": progress}
     manifests, failures = [], []
@@ -211,7 +216,8 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
     in_graph = ten_crop != "host"
     samples, origin = _parity_samples(members[0], settings["data"], settings["parity_images"], progress)
     images, skipped = load_parity_images(samples, spec, in_graph)
-    reference = images_model(model, spec, ten_crop).eval() if in_graph else model
+    centre = settings["dense_centre"]
+    reference = images_model(model, spec, ten_crop, centre=centre).eval() if in_graph else model
     _log(progress, f"{name}: PyTorch fp32 reference on {len(images)} parity images")
     expected = reference_logits(reference, images)
     # Dense is an approximation of the ten crops: how often each artifact picks the exact ten crops'
@@ -228,7 +234,7 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
             quantization, calibration = _quantize(members[0], fp32_path, onnx_path, io, in_graph, settings)
         else:
             _log(progress, f"{name}: exporting {ONNX_FILES[precision]}")
-            info = export_onnx(model, onnx_path, spec=spec, precision=precision, ten_crop=ten_crop,
+            info = export_onnx(model, onnx_path, spec=spec, precision=precision, ten_crop=ten_crop, dense_centre=centre,
                                cam_output=settings["cam_output"], opset=settings["opset"])
             io, opset = io or info["io"], info["opset"]
         artifacts.append(file_entry(onnx_path, format="onnx", precision=precision))
@@ -266,6 +272,7 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
         "io": io,
         "ten_crop": ten_crop,
         "ten_crop_in_graph": in_graph,
+        "dense_centre": centre if ten_crop == "dense" else None,
         "cam_output": settings["cam_output"],
         "cam_weights": cam_entry,
         "artifacts": artifacts,

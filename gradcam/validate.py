@@ -18,6 +18,7 @@ from export import load_manifest
 from export.ort import logits_runner
 from export.manifest import graph_crops, ten_crop_place
 from export.onnx_export import images_model
+from models.dense import DEFAULT_CENTRE
 from export.parity import apply_gates, compare_logits, exported_logits, reference_logits, top1_agreement
 from export.pipeline import PARITY_IMAGES
 from gradcam.exported import ExportedCam, cam_gate_report, compare_maps, compare_with_reference_cam, load_reference
@@ -90,7 +91,9 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
     out = os.fspath(out) if out is not None else os.path.join(manifest["export_dir"], "validation")
     inside = graph_crops(manifest)
     in_graph, dense = inside is not None, inside == DENSE.name
-    parity_reference = images_model(reference, spec, ten_crop_place(manifest)).eval() if in_graph else reference
+    centre = manifest.get("dense_centre") or DEFAULT_CENTRE
+    parity_reference = (images_model(reference, spec, ten_crop_place(manifest), centre=centre).eval() if in_graph
+                        else reference)
     exact_reference = images_model(reference, spec, "graph").eval() if dense else None
     cam_crops = DENSE.name if dense else TEN.name
 

@@ -220,3 +220,19 @@ def test_train_resize_is_the_checkpoint_spec():
     assert default_spec("resnet26", crop=96).resize == 110  # the 256/224 ratio by default
     from train.loop import TrainConfig, _resolve_spec
     assert _resolve_spec(TrainConfig(arch="resnet26", image_size=96, resize=128)) == spec
+
+
+def test_dense_centre_choice_is_exported_and_gated_against_the_same_choice(dense_run, images, tmp_path):
+    _, _, resized = images
+    made = export.export_checkpoints([dense_run["checkpoint"]], ten_crop="dense", dense_centre="interpolate",
+                                     tensorrt="off", out=str(tmp_path), parity_images=4, progress=False)
+    manifest = made["exports"][0]
+    assert made["ok"] and manifest["dense_centre"] == "interpolate"
+    model, _ = load_checkpoint(dense_run["checkpoint"])
+    with torch.no_grad():
+        expected = DenseTenCropModel(model.eval(), DENSE_SPEC, centre="interpolate")(resized)
+    got = runtime.load(manifest["export_dir"], backend="onnxruntime", device="cpu").logits_from_images(resized, "dense")
+    assert (got - expected).abs().max() <= 1e-3
+    with pytest.raises(export.ExportError, match="dense_centre must be one of pass, interpolate, drop"):
+        export.export_checkpoints([dense_run["checkpoint"]], ten_crop="dense", dense_centre="skip", tensorrt="off",
+                                  out=str(tmp_path))
