@@ -236,3 +236,11 @@ def test_dense_centre_choice_is_exported_and_gated_against_the_same_choice(dense
     with pytest.raises(export.ExportError, match="dense_centre must be one of pass, interpolate, drop"):
         export.export_checkpoints([dense_run["checkpoint"]], ten_crop="dense", dense_centre="skip", tensorrt="off",
                                   out=str(tmp_path))
+
+
+def test_export_ten_crop_flag_and_its_old_alias(monkeypatch, capsys, dense_run):
+    monkeypatch.setattr(sys, "argv", ["cnnbench", "export", dense_run["checkpoint"], "--ten-crop-in-graph",
+                                      "--ten-crop", "dense"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2 and "--ten-crop-in-graph means --ten-crop graph" in capsys.readouterr().err
