@@ -35,7 +35,7 @@ _TABLE = (
     ("target", 18, lambda r: str(r["target"])),
     ("backend", 11, lambda r: r["backend"]),
     ("prec", 4, lambda r: r["precision"]),
-    ("variant", 19, lambda r: r["variant"]),
+    ("variant", 22, lambda r: r["variant"]),
     ("dev", 4, lambda r: r["device"]),
     ("mode", 4, lambda r: "e2e" if r["mode"] == "end-to-end" else "comp"),
     ("img/s", 8, lambda r: _num(r.get("images_per_s"), 1)),

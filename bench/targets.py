@@ -237,7 +237,12 @@ def _export_rows(model: BenchTarget, device: str, skipped: list[str], chosen: Op
 
 def _artifact_rows(model: BenchTarget, device: str, skipped: list[str], crops: str,
                    inside: Optional[str]) -> list[RowPlan]:
+    from models.dense import DEFAULT_CENTRE
+
     suffix = "+10crop" if inside == TEN.name else _crops_suffix(crops)
+    centre = model.manifest.get("dense_centre")
+    if inside == DENSE.name and centre and centre != DEFAULT_CENTRE:  # the centre crop's handling tells rows apart
+        suffix += f"-{centre}"
     rows = []
     for artifact in model.manifest["artifacts"]:
         backend = _ARTIFACT_BACKEND.get(artifact["format"])

@@ -233,6 +233,9 @@ def test_dense_centre_choice_is_exported_and_gated_against_the_same_choice(dense
         expected = DenseTenCropModel(model.eval(), DENSE_SPEC, centre="interpolate")(resized)
     got = runtime.load(manifest["export_dir"], backend="onnxruntime", device="cpu").logits_from_images(resized, "dense")
     assert (got - expected).abs().max() <= 1e-3
+    from bench.targets import export_target, plan_rows
+    plans, _ = plan_rows([export_target(manifest["export_dir"])], "cpu", precisions=["fp32"])
+    assert [(p.variant, p.crops) for p in plans] == [("onnx+dense-interpolate", "dense")]  # told apart from "pass"
     with pytest.raises(export.ExportError, match="dense_centre must be one of pass, interpolate, drop"):
         export.export_checkpoints([dense_run["checkpoint"]], ten_crop="dense", dense_centre="skip", tensorrt="off",
                                   out=str(tmp_path))
