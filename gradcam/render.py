@@ -31,7 +31,7 @@ def render_errors(r: dict) -> str:
              f"  galleries: {r['galleries']['errors']} (errors), {r['galleries']['correct']} (correct)"]
     pointing = r.get("pointing_game")
     if pointing:
-        for key in ("1_crop", "10_crops"):
+        for key in [k for k in ("1_crop", "10_crops", "dense") if k in pointing]:
             p = pointing[key]
             lines.append(f"  pointing game, {key.replace('_', ' ')}: {100 * p['share']:.1f}% of {p['images']} maps peak inside the object")
     else:

@@ -247,3 +247,13 @@ def test_export_ten_crop_flag_and_its_old_alias(monkeypatch, capsys, dense_run):
     with pytest.raises(SystemExit) as exited:
         cli.main()
     assert exited.value.code == 2 and "--ten-crop-in-graph means --ten-crop graph" in capsys.readouterr().err
+
+
+def test_errors_gallery_in_dense_mode_scores_the_dense_maps_in_the_pointing_game(dense_run, tmp_path):
+    from gradcam import errors_gallery
+
+    report = errors_gallery(dense_run["checkpoint"], crops="dense", limit=2, out=tmp_path / "gallery", progress=False)
+    assert report["ok"] and report["crops"] == "dense"
+    pointing = report["pointing_game"]
+    assert set(pointing) == {"explained", "1_crop", "10_crops", "dense"}
+    assert pointing["dense"]["images"] == pointing["10_crops"]["images"] == report["images"]["n_images"]
