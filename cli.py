@@ -2,7 +2,7 @@
 
     python cli.py demo                 the whole pipeline on the embedded data set
     python cli.py train resnet26       train (or fine-tune) one architecture
-    python cli.py eval CHECKPOINT      accuracy on the saved split's test part (1 or 10 crops)
+    python cli.py eval CHECKPOINT      accuracy on the saved split's test part (1, 10 or dense crops)
     python cli.py export --fp16        ONNX fp32/fp16 (+ TensorRT) of every checkpoint and their ensemble
     python cli.py predict IMG...       batched 10-crop inference through any backend
     python cli.py bench --batch 64     speed, accuracy and agreement of every backend side by side
@@ -25,8 +25,9 @@ from common.errors import UserError
 # waiting must be chosen before torch loads OpenMP; the user's own setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from data.crops import CROP_MODES  # noqa: E402 - loads torch, so only after the OpenMP setting
+from data.crops import CROP_MODES, TEN_CROP_PLACES  # noqa: E402 - loads torch, so only after the OpenMP setting
 from data.heldout import DATA_HELP  # noqa: E402
+from models.dense import CENTRE_MODES, DEFAULT_CENTRE  # noqa: E402
 
 
 def emit(result: dict, as_json: bool, render) -> None:
@@ -111,6 +112,8 @@ def data_check(path, verify, as_json):
               "the last; 0: off (default: the recipe's share of --image-size).")
 @click.option("--synth-stream", type=int, help="Embedded set: fresh images per class per epoch instead of the stored "
               "training split; 0: the stored split (default: the recipe's).")
+@click.option("--resize", type=int, help="Resize side before cropping, in training and testing (default crop·256/224; "
+                                        "dense ten crops need resize - crop a multiple of the output stride, e.g. 128 for 96).")
 @click.option("--norm", type=click.Choice(["imagenet", "half"]), help="Normalisation: ImageNet mean/std, or mean=std=0.5.")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision (bf16 on CPUs with bf16 units, fp16 on CUDA). Default: on where fast.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -123,8 +126,8 @@ def data_check(path, verify, as_json):
 @click.option("--width-mult", type=float, help="Scale every layer's width (tiny models for experiments; default: full width).")
 @json_option
 def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_decay, dropout, label_smoothing, augment,
-          min_scale, ema, image_size, progressive_from, synth_stream, norm, amp, device, workers, seed, out, name, resume,
-          weights, width_mult, as_json):
+          min_scale, ema, image_size, resize, progressive_from, synth_stream, norm, amp, device, workers, seed, out, name,
+          resume, weights, width_mult, as_json):
     """Train ARCH (resnet18, resnet26, xception_small, xception_medium, xception_pretrained).
 
     Unset options follow the default recipe (train/recipe.py; measured in docs/RECIPES.md); the run's
@@ -137,7 +140,8 @@ def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_deca
     config = TrainConfig(arch=arch, data=data, quick_data=quick_data, epochs=epochs, batch_size=batch_size,
                          optimizer=optimizer, lr=lr, weight_decay=weight_decay, dropout=dropout,
                          label_smoothing=label_smoothing, augment=augment, min_scale=min_scale, ema=ema,
-                         image_size=image_size, progressive_from=progressive_from, synth_stream=synth_stream, norm=norm, amp=amp,
+                         image_size=image_size, resize=resize, progressive_from=progressive_from, synth_stream=synth_stream,
+                         norm=norm, amp=amp,
                          device=device, workers=workers, seed=seed, out=out, name=name, resume=resume,
                          weights=weights, width_mult=width_mult, progress=not as_json)
     result = train_model(config)
@@ -254,7 +258,14 @@ def validate(export_dir, data, out, limit, as_json):
 @click.argument("checkpoints", nargs=-1, type=click.Path(exists=True, dir_okay=False))
 @click.option("--fp16", is_flag=True, help="Also an fp16 graph (weights and arithmetic; logits still fp32).")
 @click.option("--ensemble/--no-ensemble", default=None, help="Also the logit-sum ensemble (default: with 2+ checkpoints).")
-@click.option("--ten-crop-in-graph", is_flag=True, help="The graph takes resized uint8 images and cuts/averages the ten crops itself.")
+@click.option("--ten-crop", type=click.Choice(list(TEN_CROP_PLACES)), default=None,
+              help="host (default): the graph takes normalised crops, cut outside; graph: it takes the resized uint8 "
+                   "image and cuts/averages the exact ten crops itself; dense: it takes the resized uint8 image and "
+                   "computes dense ten crops (trunk on image + mirror, crops as feature-map windows).")
+@click.option("--ten-crop-in-graph", is_flag=True, help="Same as --ten-crop graph (kept for older scripts).")
+@click.option("--dense-centre", type=click.Choice(CENTRE_MODES), default=DEFAULT_CENTRE, show_default=True,
+              help="--ten-crop dense: the centre crop gets its own trunk pass (about 4.6 crop passes), an "
+                   "interpolated window, or is dropped (both about 2.6).")
 @click.option("--cam-output", is_flag=True, help="Second output: the feature map entering global pooling (CAM parity).")
 @click.option("--int8", is_flag=True, help="Also a static int8 QDQ graph calibrated on training images (own parity gate).")
 @click.option("--tensorrt", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
@@ -266,7 +277,7 @@ def validate(export_dir, data, out, limit, as_json):
 @click.option("--out", default="runs/export", show_default=True, type=click.Path(file_okay=False))
 @click.option("--train-dir", help="Where to find checkpoints when none is named (default: the newest runs/train or runs/*/train).")
 @json_option
-def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, tensorrt, max_batch, data, parity_images, out,
+def export(checkpoints, fp16, ensemble, ten_crop, ten_crop_in_graph, dense_centre, cam_output, int8, tensorrt, max_batch, data, parity_images, out,
            train_dir, as_json):
     """Export CHECKPOINTS (default: every runs/train/*/best.pt, plus their ensemble) and verify each against PyTorch.
 
@@ -276,11 +287,15 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
     from export import export_checkpoints
     from export.render import render_export
 
+    if ten_crop_in_graph and ten_crop not in (None, "graph"):
+        raise click.UsageError(f"--ten-crop-in-graph means --ten-crop graph; it contradicts --ten-crop {ten_crop}")
+    ten_crop = "graph" if ten_crop_in_graph else (ten_crop or "host")
     picked = [newest_runs("train")] if not checkpoints and train_dir is None else []
     train_dir = picked[0].folder if picked else train_dir
-    emit(with_picked(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop_in_graph=ten_crop_in_graph,
-                            cam_output=cam_output, int8=int8, tensorrt=tensorrt, max_batch=max_batch, data=data,
-                            parity_images=parity_images, out=out, train_dir=train_dir, progress=not as_json), picked),
+    emit(with_picked(export_checkpoints(list(checkpoints) or None, fp16=fp16, ensemble=ensemble, ten_crop=ten_crop,
+                                        dense_centre=dense_centre, cam_output=cam_output, int8=int8, tensorrt=tensorrt,
+                                        max_batch=max_batch, data=data, parity_images=parity_images, out=out,
+                                        train_dir=train_dir, progress=not as_json), picked),
          as_json, render_export)
 
 
@@ -298,6 +313,9 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
 @click.option("--iters", type=int, help="Fixed number of timed iterations per row instead of --seconds.")
 @click.option("--warmup", default=3, show_default=True, help="Untimed iterations first.")
 @click.option("--compile", "use_compile", is_flag=True, help="Also torch.compile rows (and CUDA graphs on a GPU).")
+@click.option("--crops", "crop_modes", multiple=True, type=click.Choice(list(CROP_MODES)),
+              help="Crop modes to measure; repeatable (default: 10, and an export's in-graph mode). "
+                   "Agreement is always against the exact ten-crop fp32 reference.")
 @held_out_data_option
 @click.option("--out", type=click.Path(dir_okay=False), help="JSON path (default runs/bench/bench-<time>.json; CSV and PNG beside it).")
 @click.option("--compare", type=click.Path(exists=True, dir_okay=False), help="An earlier bench JSON: print the ratio per row.")
@@ -307,7 +325,8 @@ def export(checkpoints, fp16, ensemble, ten_crop_in_graph, cam_output, int8, ten
 @click.option("--train-dir", help="Checkpoints to bench when no MODELS are named (default: the newest runs/train or runs/*/train).")
 @click.option("--export-dir", help="Exports to bench when no MODELS are named (default: the newest runs/export or runs/*/export).")
 @json_option
-def bench(models, batch, backends, precisions, device, mode, seconds, iters, warmup, use_compile, data, out, compare,
+def bench(models, batch, backends, precisions, device, mode, seconds, iters, warmup, use_compile, crop_modes, data, out,
+          compare,
           eval_images, threads, workers, train_dir, export_dir, as_json):
     """Speed, accuracy and agreement of every backend and precision, side by side (MODELS: default all)."""
     from bench import run_bench
@@ -317,7 +336,7 @@ def bench(models, batch, backends, precisions, device, mode, seconds, iters, war
     emit(with_picked(run_bench(list(models) or None, batch=batch, backends=list(backends) or None, precisions=list(precisions) or None,
                    device=device, mode=mode, seconds=seconds, iters=iters, warmup=warmup, compile=use_compile, data=data,
                    out=out, compare=compare, train_dir=train_dir, export_dir=export_dir, eval_images=eval_images or None,
-                   threads=threads, workers=workers, progress=not as_json), picked),
+                   threads=threads, workers=workers, crops=list(crop_modes) or None, progress=not as_json), picked),
          as_json, render_table)
 
 

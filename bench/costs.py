@@ -9,9 +9,11 @@ import torch
 from bench.peak import peak_flops
 from bench.targets import BenchTarget
 from common.device import ieee_fp32
-from data.crops import TEN
+from data.crops import TEN, crop_mode
+from data.spec import PreprocessSpec
 from models.checkpoint import load_checkpoint
 from models.complexity import model_flops
+from models.dense import dense_flops
 
 
 class Costs:
@@ -21,10 +23,10 @@ class Costs:
         self.device = device
         self.progress = progress
         self.peaks: dict[str, dict] = {}
-        self._flops: dict[str, Optional[int]] = {}
+        self._flops: dict[tuple, int] = {}  # (checkpoint, cuts crops) -> FLOPs per crop / per dense image
 
-    def row_fields(self, target: BenchTarget, precision: str, images_per_s: float) -> dict:
-        per_image = self.flops_per_image(target)
+    def row_fields(self, target: BenchTarget, precision: str, images_per_s: float, crops=TEN.name) -> dict:
+        per_image = self.flops_per_image(target, crops)
         peak = self.peak(precision)
         achieved = None if per_image is None else per_image * images_per_s
         return {
@@ -35,17 +37,21 @@ class Costs:
             "peak_fraction": achieved / peak["flops"] if achieved is not None and peak["flops"] else None,
         }
 
-    def flops_per_image(self, target: BenchTarget) -> Optional[int]:
-        """Ten x forward FLOPs of one crop, summed over an ensemble's members; None without checkpoints."""
+    def flops_per_image(self, target: BenchTarget, crops=TEN.name) -> Optional[int]:
+        """Forward FLOPs per image in crop mode ``crops`` (n x one crop; dense: models.dense.dense_flops),
+        summed over an ensemble's members; None without checkpoints."""
         if not target.sources or target.missing_sources:
             return None
+        mode = crop_mode(crops)
         total = 0
         for source in target.sources:
-            if source not in self._flops:
+            key = (source, mode.cuts_crops)
+            if key not in self._flops:
                 network, meta = load_checkpoint(source)
-                self._flops[source] = model_flops(network, meta["spec"]["crop"])
-            total += self._flops[source]
-        return TEN.count * total
+                spec = PreprocessSpec.from_dict(meta["spec"])
+                self._flops[key] = model_flops(network, spec.crop) if mode.cuts_crops else dense_flops(network, spec)
+            total += self._flops[key] * (mode.count if mode.cuts_crops else 1)
+        return total
 
     def peak(self, precision: str) -> dict:
         """The fp32 peak is measured like the fp32 reference runs: IEEE fp32 (TF32 off)."""

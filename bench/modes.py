@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from bench.harness import Budget, Measurement, measure_batch, synchronizer
-from data.crops import TEN
+from data.crops import TEN, crop_mode
 from data.images import ImageError, load_rgb
 from data.transforms import resize_uint8
 from runtime import Predictor, run_files
@@ -24,31 +24,33 @@ def cycled(images: Tensor, count: int) -> Tensor:
     return images.repeat(repeats, 1, 1, 1)[:count] if repeats > 1 else images[:count]
 
 
-def compute_step_factory(predictor: Predictor, images: Tensor) -> Callable[[int], Callable[[], object]]:
+def compute_step_factory(predictor: Predictor, images: Tensor, crops=TEN.name) -> Callable[[int], Callable[[], object]]:
     """batch -> one model call on inputs already on the predictor's device.
 
-    A graph with the ten crops inside takes the resized uint8 images; any other predictor takes the
-    ten normalised crops per image, cut here once, so only the model is timed.
+    A graph with its crop mode inside, and dense ten crops (which read the whole image), take the
+    resized uint8 images; any other predictor takes the normalised crops of the mode, cut here once,
+    so only the model is timed.
     """
     spec = predictor.spec
+    mode = crop_mode(crops)
 
     def make_step(batch: int) -> Callable[[], object]:
         x = cycled(images, batch).to(predictor.device)
-        if predictor.ten_crop_in_graph:
-            return lambda: predictor.device_logits_from_images(x)
-        crops = TEN.cut(x, spec).flatten(0, 1)
-        return lambda: predictor.logits_from_crops(crops)
+        if predictor.ten_crop_in_graph or not mode.cuts_crops:
+            return lambda: predictor.device_logits_from_images(x, mode.name)
+        cut = mode.cut(x, spec).flatten(0, 1)
+        return lambda: predictor.logits_from_crops(cut)
 
     return make_step
 
 
-def measure_compute(predictor: Predictor, images: Tensor, batch: int, **timing) -> Measurement:
-    return measure_batch(compute_step_factory(predictor, images), batch, device=predictor.device, **timing)
+def measure_compute(predictor: Predictor, images: Tensor, batch: int, crops=TEN.name, **timing) -> Measurement:
+    return measure_batch(compute_step_factory(predictor, images, crops), batch, device=predictor.device, **timing)
 
 
-def eval_logits(predictor: Predictor, images: Tensor, batch: int) -> np.ndarray:
-    """Ten-crop-averaged logits of every image, ``batch`` images per call (untimed)."""
-    return torch.cat([predictor.logits_from_images(chunk) for chunk in torch.split(images, batch)]).numpy()
+def eval_logits(predictor: Predictor, images: Tensor, batch: int, crops=TEN.name) -> np.ndarray:
+    """Crop-averaged logits of every image in crop mode ``crops``, ``batch`` images per call (untimed)."""
+    return torch.cat([predictor.logits_from_images(chunk, crops) for chunk in torch.split(images, batch)]).numpy()
 
 
 class _EnoughBatches(Exception):
@@ -89,7 +91,7 @@ class _PipelineTimer:
         return logits
 
 
-def measure_end_to_end(predictor: Predictor, paths: list[str], batch: int, *, iters: Optional[int],
+def measure_end_to_end(predictor: Predictor, paths: list[str], batch: int, *, crops=TEN.name, iters: Optional[int],
                        seconds: Optional[float], warmup: int, batch_estimate_s: float,
                        workers: Optional[int] = None, clock: Callable[[], float] = time.perf_counter) -> Measurement:
     """Time runtime.run_files (decode, resize, crops, transfer, model) over ``paths``, cycled.
@@ -106,7 +108,7 @@ def measure_end_to_end(predictor: Predictor, paths: list[str], batch: int, *, it
     files = [paths[i % len(paths)] for i in range(batches * batch)]
     timer = _PipelineTimer(predictor, budget, warmup, clock)
     try:
-        run_files(timer, files, crops=10, batch=batch, workers=workers, progress=False)
+        run_files(timer, files, crops=crops, batch=batch, workers=workers, progress=False)
     except _EnoughBatches:
         pass
     times = timer.intervals[warmup:]

@@ -12,10 +12,10 @@ from common.errors import InputError, MissingFileError
 SCHEMA_VERSION = 1
 
 # What identifies "the same measurement" across two runs (for --compare).
-ROW_KEY = ("target", "backend", "precision", "variant", "device", "mode", "batch")
+ROW_KEY = ("target", "backend", "precision", "variant", "device", "mode", "batch", "crops")
 
 CSV_COLUMNS = (
-    "target", "kind", "backend", "precision", "variant", "device", "mode", "batch", "crops_per_image",
+    "target", "kind", "backend", "precision", "variant", "device", "mode", "batch", "crops", "crops_per_image",
     "images_per_s", "crops_per_s", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "stddev_ms", "cv", "unstable",
     "iterations", "warmup", "host_peak_rss_mib", "cuda_max_allocated_mib", "flops_per_image",
     "achieved_flops_per_s", "peak_flops_per_s", "peak_precision", "peak_fraction", "eval_images", "top1", "top5",
@@ -25,7 +25,8 @@ CSV_COLUMNS = (
 
 
 def row_key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ROW_KEY)
+    # Reports from before crop modes were measured hold exact ten-crop rows only.
+    return tuple(row.get(k, "10" if k == "crops" else None) for k in ROW_KEY)
 
 
 # --- terminal table --------------------------------------------------------------------------------
@@ -34,7 +35,7 @@ _TABLE = (
     ("target", 18, lambda r: str(r["target"])),
     ("backend", 11, lambda r: r["backend"]),
     ("prec", 4, lambda r: r["precision"]),
-    ("variant", 13, lambda r: r["variant"]),
+    ("variant", 22, lambda r: r["variant"]),
     ("dev", 4, lambda r: r["device"]),
     ("mode", 4, lambda r: "e2e" if r["mode"] == "end-to-end" else "comp"),
     ("img/s", 8, lambda r: _num(r.get("images_per_s"), 1)),
@@ -46,7 +47,7 @@ _TABLE = (
     ("%peak", 6, lambda r: _pct(r.get("peak_fraction"), 0)),
     ("RSS MiB", 7, lambda r: _num(r.get("host_peak_rss_mib"), 0)),
     ("top1", 5, lambda r: _num(r.get("top1"), 1)),
-    ("agree", 6, lambda r: _num(r.get("agreement_top1"), 1)),
+    ("agree10", 7, lambda r: _num(r.get("agreement_top1"), 1)),
     ("speedup", 7, lambda r: "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"),
 )
 
@@ -90,7 +91,8 @@ def _title(result: dict) -> str:
     return (f"bench: batch {result['batch']} images x 10 crops on {result['device']} ({device}, "
             f"{m['cpu_cores']} cores, torch {m['torch']}, onnxruntime {m['onnxruntime']}); "
             f"{budget} per row after {result['warmup']} warm-up; "
-            f"accuracy on {result.get('eval_images_note', 'n/a')}")
+            f"accuracy on {result.get('eval_images_note', 'n/a')}; agree10: top-1 agreement with the exact "
+            "ten-crop fp32 reference (every row, dense and one-crop rows too)")
 
 
 def _stage_lines(rows: list[dict]) -> list[str]:

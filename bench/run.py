@@ -26,7 +26,7 @@ from bench.summary import add_speedups, warnings, write_outputs
 from bench.targets import BenchTarget, RowPlan, find_targets, plan_rows
 from common.device import resolve_device
 from common.errors import InputError
-from data.crops import TEN
+from data.crops import TEN, crop_mode
 from models.checkpoint import load_checkpoint
 
 MODES = ("compute", "end-to-end", "both")
@@ -40,7 +40,7 @@ def run_bench(models: Optional[list[str]] = None, *, batch: int = 64, backends: 
               out: Optional[str] = None, compare: Optional[str] = None, train_dir="runs/train",
               export_dir="runs/export", progress: bool = True, compile: bool = False,
               eval_images: Optional[int] = DEFAULT_EVAL_IMAGES, threads: Optional[int] = None,
-              workers: Optional[int] = None) -> dict:
+              workers: Optional[int] = None, crops: Optional[list] = None) -> dict:
     """Benchmark checkpoints (PyTorch) and exports (ONNX Runtime, TensorRT) on one device.
 
     ``batch`` counts images, each ten crops. ``mode``: compute (pre-resized inputs on the device,
@@ -49,7 +49,9 @@ def run_bench(models: Optional[list[str]] = None, *, batch: int = 64, backends: 
     ``eval_images`` test images (None: all) of each model's saved split, or of ``data`` (a split.json,
     or a data folder whose seed-0 split is used, as runtime.evaluate does). ``compile`` adds
     torch.compile rows (and CUDA graphs on a GPU); ``threads`` is passed to runtime.load, ``workers``
-    (the end-to-end pipeline's decoding processes) to runtime.run_files.
+    (the end-to-end pipeline's decoding processes) to runtime.run_files. ``crops``: the crop modes to
+    measure ("10", "1", "dense"; bench.targets.plan_rows says the default). Every row's agreement is
+    against the exact ten-crop PyTorch fp32 reference, whatever its own crop mode.
     Writes ``out`` (default runs/bench/bench-<time>.json) plus .csv and .png beside it.
     Returns the report: rows, machine, measured peaks, skipped targets, warnings, comparison.
     """
@@ -57,7 +59,7 @@ def run_bench(models: Optional[list[str]] = None, *, batch: int = 64, backends: 
     resolved = resolve_device(device)
     old_report = report.load_report(os.fspath(compare)) if compare else None
     found = find_targets(models, os.fspath(train_dir), os.fspath(export_dir))
-    plans, skipped = plan_rows(found, resolved, backends=backends, precisions=precisions, compile=compile)
+    plans, skipped = plan_rows(found, resolved, backends=backends, precisions=precisions, compile=compile, crops=crops)
     if not plans:
         raise InputError("no row to measure with these filters on " + resolved
                          + (": " + "; ".join(skipped) if skipped else ""))
@@ -154,14 +156,14 @@ class _Session:
     def _compute_row(self, plan: RowPlan, predictor, evalset: EvalSet) -> dict:
         images = evalset.images(predictor.spec)
         with PeakMemory(torch.device(self.device)) as memory:
-            timing = measure_compute(predictor, images, self.batch, **self.timing)
+            timing = measure_compute(predictor, images, self.batch, plan.crops, **self.timing)
         stats = timing.summary()
         self._compute_p50_s[plan] = stats["p50_ms"] / 1e3
-        logits = eval_logits(predictor, images, self.batch) if evalset.has_files else None
+        logits = eval_logits(predictor, images, self.batch, plan.crops) if evalset.has_files else None
         if logits is not None and plan.target.kind == "checkpoint" and plan.is_baseline:
             self.scores.remember_baseline(plan.target, evalset, logits)
         row = self._row(plan, "compute", stats=stats, memory=memory.result())
-        row.update(self._split_calls_note(predictor))
+        row.update(self._split_calls_note(predictor, plan))
         row.update(self.scores.score(plan.target, predictor, evalset, logits, positions=None))
         return row
 
@@ -170,14 +172,14 @@ class _Session:
             raise InputError(f"end-to-end mode reads image files, and there are none: {evalset.description}; "
                              "pass --data FOLDER")
         paths = evalset.paths
-        estimate = self._compute_p50_s.get(plan) or self._probe_batch_seconds(predictor, evalset)
+        estimate = self._compute_p50_s.get(plan) or self._probe_batch_seconds(predictor, evalset, plan.crops)
         with PeakMemory(torch.device(self.device)) as memory:
-            timing = measure_end_to_end(predictor, paths, self.batch, iters=self.timing["iters"],
+            timing = measure_end_to_end(predictor, paths, self.batch, crops=plan.crops, iters=self.timing["iters"],
                                         seconds=self.timing["seconds"], warmup=self.timing["warmup"],
                                         batch_estimate_s=estimate, workers=self.workers)
-        scored = runtime.run_files(predictor, paths, crops=CROPS, batch=self.batch, workers=self.workers)
+        scored = runtime.run_files(predictor, paths, crops=plan.crops, batch=self.batch, workers=self.workers)
         row = self._row(plan, "end-to-end", stats=timing.summary(), memory=memory.result())
-        row.update(self._split_calls_note(predictor))
+        row.update(self._split_calls_note(predictor, plan))
         row.update(timing.extra)
         row.update(host_preprocess_cost(paths, predictor.spec, self.batch))
         row["preprocess"] = scored.preprocess
@@ -186,20 +188,21 @@ class _Session:
             row["failed_images"] = [{"path": paths[p], "error": reason} for p, reason in scored.failures]
         return row
 
-    def _split_calls_note(self, predictor) -> dict:
+    def _split_calls_note(self, predictor, plan: RowPlan) -> dict:
         """Say so when the runtime has to cut a batch into several graph calls (a TensorRT profile's limit)."""
         limit = predictor.max_batch
-        per_batch = self.batch if predictor.ten_crop_in_graph else CROPS * self.batch
+        mode = crop_mode(plan.crops)
+        per_batch = self.batch if predictor.ten_crop_in_graph or not mode.cuts_crops else mode.count * self.batch
         if limit is None or per_batch <= limit:
             return {}
         return {"note": f"the engine takes at most {limit} rows per call, so each batch of {per_batch} rows "
                         f"ran as {-(-per_batch // limit)} calls (export with a larger max batch to avoid it)"}
 
-    def _probe_batch_seconds(self, predictor, evalset: EvalSet) -> float:
+    def _probe_batch_seconds(self, predictor, evalset: EvalSet, crops: str) -> float:
         """One untimed model call, to size the end-to-end file list when no compute row preceded it."""
         images = cycled(evalset.images(predictor.spec), self.batch)
         began = time.perf_counter()
-        predictor.logits_from_images(images)
+        predictor.logits_from_images(images, crops)
         return time.perf_counter() - began
 
     # --- row assembly ------------------------------------------------------------------------------
@@ -209,7 +212,7 @@ class _Session:
         row = {
             "target": target.name, "kind": target.kind, "source": target.path, "backend": plan.backend,
             "precision": plan.precision, "variant": plan.variant, "device": self.device, "mode": mode,
-            "batch": self.batch, "crops_per_image": CROPS,
+            "batch": self.batch, "crops": plan.crops, "crops_per_image": crop_mode(plan.crops).count,
             "ten_crop_in_graph": bool(target.manifest and target.manifest.get("ten_crop_in_graph")),
             "error": error,
         }
@@ -218,13 +221,13 @@ class _Session:
         images_per_s = self.batch / (stats["mean_ms"] / 1e3)
         row.update({
             "images_per_s": images_per_s,
-            "crops_per_s": CROPS * images_per_s,
+            "crops_per_s": crop_mode(plan.crops).count * images_per_s,
             **{k: stats[k] for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "stddev_ms", "min_ms", "max_ms",
                                      "cv", "iterations", "warmup")},
             "unstable": bool(stats["cv"] > CV_WARN),
             **(memory or {}),
         })
-        row.update(self.costs.row_fields(target, plan.precision, images_per_s))
+        row.update(self.costs.row_fields(target, plan.precision, images_per_s, plan.crops))
         return row
 
     def _load(self, plan: RowPlan):

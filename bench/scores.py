@@ -1,5 +1,8 @@
 """Scoring bench rows: each target's held-out images, its fp32 reference logits, and a row's top-1/top-5
-and agreement with that reference on exactly the same images."""
+and agreement with that reference on exactly the same images.
+
+The reference is always the exact ten crops in fp32 (PyTorch eager, else an fp32 ten-crop graph), so a
+row of another crop mode (dense, one crop) shows how often it gives the exact ten crops' answer."""
 from __future__ import annotations
 
 import sys
@@ -13,6 +16,8 @@ from bench.evalset import EvalSet, find_held_out, load_evalset
 from bench.modes import eval_logits
 from bench.targets import BenchTarget, backend_problem
 from common import accuracy_report
+from data.crops import DENSE
+from export.manifest import graph_crops
 
 
 @dataclass
@@ -78,17 +83,20 @@ class Scores:
         if target.sources and not target.missing_sources:
             logits = sum(self._torch_fp32_logits(source, evalset) for source in target.sources)
             what = "torch fp32 eager" if len(target.sources) == 1 else "sum of the members' torch fp32 logits"
-            return logits, what
+            return logits, what + ", exact ten crops"
         if target.manifest is None:
             return None, "none"
         why = "; ".join(target.missing_sources) or "no source checkpoints listed"
+        if graph_crops(target.manifest) == DENSE.name:
+            return None, f"none (a dense export's graph is no exact ten-crop reference, and {why})"
         if not any(a["format"] == "onnx" and a["precision"] == "fp32" for a in target.manifest["artifacts"]):
             return None, f"none (no fp32 ONNX graph, and {why})"
         device = self.device if backend_problem("onnxruntime", self.device) is None else "cpu"
         self._log(f"{target.name}: reference from its fp32 ONNX graph on {device} ({why})")
         predictor = runtime.load(target.path, backend="onnxruntime", device=device, precision="fp32",
                                  threads=self.threads)
-        return eval_logits(predictor, evalset.images(predictor.spec), self.batch), f"fp32 ONNX on {device} ({why})"
+        return (eval_logits(predictor, evalset.images(predictor.spec), self.batch),
+                f"fp32 ONNX on {device}, exact ten crops ({why})")
 
     def _torch_fp32_logits(self, checkpoint: str, evalset: EvalSet) -> np.ndarray:
         key = (checkpoint, self._evalset_key(evalset))

@@ -8,6 +8,7 @@ from typing import Optional
 
 from common import sha256_file
 from common.errors import InputError, MissingFileError
+from data.crops import CROP_MODES, DENSE, TEN, crop_mode
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
@@ -45,14 +46,16 @@ class RowPlan:
     target: BenchTarget
     backend: str
     precision: str
-    variant: str                           # eager | channels_last | compiled | cuda-graphs | onnx | plan (+10crop)
+    variant: str                           # eager | channels_last | compiled | cuda-graphs | onnx | plan (+10crop, +dense)
     channels_last: bool = False
     compile: bool | str = False
+    crops: str = TEN.name                  # the crop mode (data.crops): "10", "1" or "dense"
 
     @property
     def is_baseline(self) -> bool:
-        """The PyTorch eager fp32 row: what speedups are relative to."""
-        return self.backend == "torch" and self.precision == "fp32" and self.variant == "eager"
+        """The PyTorch eager fp32 exact ten-crop row: what speedups are relative to."""
+        return (self.backend == "torch" and self.precision == "fp32" and self.variant == "eager"
+                and self.crops == TEN.name)
 
 
 def find_targets(names: Optional[list[str]], train_dir: str, export_dir: str) -> list[BenchTarget]:
@@ -133,16 +136,22 @@ def export_target(folder: str) -> BenchTarget:
 
 
 def plan_rows(models: list[BenchTarget], device: str, *, backends=None, precisions=None,
-              compile: bool = False) -> tuple[list[RowPlan], list[str]]:
-    """Every (model, backend, precision, variant) available on ``device``; also the reasons for skips."""
+              compile: bool = False, crops=None) -> tuple[list[RowPlan], list[str]]:
+    """Every (model, backend, precision, variant, crop mode) available on ``device``; also the reasons for skips.
+
+    ``crops``: the crop modes to measure (data.crops names). None: exact ten crops, except that an
+    export with a crop mode inside its graph is measured in that mode.
+    """
     backends = _check_choices("backend", backends, BACKENDS)
     precisions = _check_choices("precision", precisions, PRECISIONS)
+    chosen = None if not crops else [crop_mode(c).name for c in crops]
     rows, skipped = [], []
     for model in grouped(models):
         if model.kind == "checkpoint":
-            candidates = _torch_rows(model, device, compile)
+            candidates = [row for mode in (chosen or [TEN.name])
+                          for row in _torch_rows(model, device, compile, mode, skipped)]
         else:
-            candidates = _export_rows(model, device, skipped)
+            candidates = _export_rows(model, device, skipped, chosen)
             if model.kind == "ensemble" and model.sources and not model.missing_sources:
                 # The members' logit sum in eager fp32: the ensemble's reference speed.
                 candidates.insert(0, RowPlan(model, "torch", "fp32", "eager"))
@@ -169,21 +178,71 @@ def _check_choices(what: str, chosen, allowed: tuple) -> tuple:
     return tuple(chosen)
 
 
-def _torch_rows(model: BenchTarget, device: str, compile: bool) -> list[RowPlan]:
+def _torch_rows(model: BenchTarget, device: str, compile: bool, crops: str, skipped: list[str]) -> list[RowPlan]:
     """Eager fp32 (the reference), then the fast half precision of the device in channels_last."""
+    if crops == DENSE.name:
+        problem = _dense_problem(model.path)
+        if problem:
+            skipped.append(f"{model.name} dense: {problem}")
+            return []
+    suffix = _crops_suffix(crops)
     half = "fp16" if device.startswith("cuda") else "bf16"
-    rows = [RowPlan(model, "torch", "fp32", "eager"),
-            RowPlan(model, "torch", half, "channels_last", channels_last=True)]
+    rows = [RowPlan(model, "torch", "fp32", "eager" + suffix, crops=crops),
+            RowPlan(model, "torch", half, "channels_last" + suffix, channels_last=True, crops=crops)]
     if compile:
-        rows.append(RowPlan(model, "torch", half, "compiled", channels_last=True, compile=True))
+        rows.append(RowPlan(model, "torch", half, "compiled" + suffix, channels_last=True, compile=True, crops=crops))
         if device.startswith("cuda"):
             # torch.compile's reduce-overhead mode replays the model as CUDA graphs.
-            rows.append(RowPlan(model, "torch", half, "cuda-graphs", channels_last=True, compile="reduce-overhead"))
+            rows.append(RowPlan(model, "torch", half, "cuda-graphs" + suffix, channels_last=True,
+                                compile="reduce-overhead", crops=crops))
     return rows
 
 
-def _export_rows(model: BenchTarget, device: str, skipped: list[str]) -> list[RowPlan]:
-    suffix = "+10crop" if model.manifest.get("ten_crop_in_graph") else ""
+def _crops_suffix(crops: str) -> str:
+    """The variant's tag for a crop mode: none for the exact ten crops (the default), +1crop, +dense."""
+    return "" if crops == TEN.name else f"+{crops}crop" if crops.isdigit() else f"+{crops}"
+
+
+def _dense_problem(checkpoint: str) -> Optional[str]:
+    """Why a checkpoint's geometry has no dense ten crops (models.dense's one-line error), or None."""
+    from data.spec import PreprocessSpec
+    from models.checkpoint import load_checkpoint
+    from models.dense import DenseGeometryError, dense_geometry
+
+    network, meta = load_checkpoint(checkpoint)
+    try:
+        dense_geometry(network, PreprocessSpec.from_dict(meta["spec"]))
+    except DenseGeometryError as exc:
+        return str(exc)
+    return None
+
+
+def _export_rows(model: BenchTarget, device: str, skipped: list[str], chosen: Optional[list[str]]) -> list[RowPlan]:
+    from export.manifest import graph_crops
+
+    inside = graph_crops(model.manifest)
+    if inside is not None:  # the graph computes one crop mode
+        modes = [inside] if chosen is None or inside in chosen else []
+        if not modes:
+            skipped.append(f"{model.name}: its graph computes crops={inside} only (asked: {', '.join(chosen)})")
+    else:
+        modes = [m for m in (chosen or [TEN.name]) if CROP_MODES[m].cuts_crops]
+        if chosen and DENSE.name in chosen:
+            skipped.append(f"{model.name} dense: the graph takes crops; export with --ten-crop dense for dense rows")
+    rows = []
+    for crops in modes:
+        rows += _artifact_rows(model, device, skipped, crops, inside)
+    return rows
+
+
+def _artifact_rows(model: BenchTarget, device: str, skipped: list[str], crops: str,
+                   inside: Optional[str]) -> list[RowPlan]:
+    from models.dense import DEFAULT_CENTRE
+
+    suffix = "+10crop" if inside == TEN.name else _crops_suffix(crops)
+    centre = model.manifest.get("dense_centre")
+    if inside == DENSE.name and centre and centre != DEFAULT_CENTRE:  # the centre crop's handling tells rows apart
+        suffix += f"-{centre}"
     rows = []
     for artifact in model.manifest["artifacts"]:
         backend = _ARTIFACT_BACKEND.get(artifact["format"])
@@ -195,7 +254,7 @@ def _export_rows(model: BenchTarget, device: str, skipped: list[str]) -> list[Ro
             skipped.append(f"{model.name} {backend} {artifact['precision']}: {problem}")
             continue
         variant = ("onnx" if backend == "onnxruntime" else "plan") + suffix
-        rows.append(RowPlan(model, backend, artifact["precision"], variant))
+        rows.append(RowPlan(model, backend, artifact["precision"], variant, crops=crops))
     return rows
 
 

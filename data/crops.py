@@ -9,7 +9,8 @@ A ``CropMode`` owns, for one value of ``--crops``:
 - reducing per-crop logits to per-image logits (``reduce``: the mean over the crops).
 Every stage (runtime, bench, Grad-CAM, export inputs, the DataLoader transform, the CLI's --crops
 choices) asks ``crop_mode`` for its mode, so a new mode is one more entry in CROP_MODES (a
-subclass when it does not cut crops, e.g. a dense mode that runs the trunk on the whole image).
+subclass when it does not cut crops: DENSE runs the trunk on the whole image and its mirror and reads
+the ten crops off the feature map, models.dense; it has TenCrop's boxes and reduction, but nothing to cut).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ class CropMode:
     name: str
     count: int
     description: str
+    cuts_crops = True  # False: the model sees the whole resized image (DenseCropMode)
 
     def boxes(self, spec: PreprocessSpec) -> list[CropBox]:
         """The crops' boxes on the resized image, in the order ``cut`` returns them."""
@@ -56,9 +58,30 @@ class CropMode:
         return rows.reshape(-1, self.count, *rows.shape[1:])
 
 
+@dataclass(frozen=True)
+class DenseCropMode(CropMode):
+    """Dense ten crops (models.dense.DenseTenCropModel): the trunk runs on the resized image and its
+    mirror, and each of TenCrop's crops is a window of the feature map. Its boxes are TenCrop's (the
+    windows stand for those crops); there is nothing to cut, the model takes the resized uint8 image."""
+
+    cuts_crops = False
+
+    def boxes(self, spec: PreprocessSpec) -> list[CropBox]:
+        return ten_crop_boxes(spec.resize, spec.crop)
+
+    def cut(self, images: Tensor, spec: PreprocessSpec) -> Tensor:
+        raise ValueError("dense ten crops are read off the whole image's feature map, not cut as crops; "
+                         "run models.dense.DenseTenCropModel on the resized images")
+
+
 TEN = CropMode("10", 10, "ten crops (torchvision TenCrop), logits averaged")
 CENTRE = CropMode("1", 1, "the centre crop")
-CROP_MODES: dict[str, CropMode] = {mode.name: mode for mode in (TEN, CENTRE)}
+DENSE = DenseCropMode("dense", 10, "dense ten crops: trunk on the image and its mirror, crops read as "
+                                   "feature-map windows (an approximation of 10)")
+CROP_MODES: dict[str, CropMode] = {mode.name: mode for mode in (TEN, CENTRE, DENSE)}
+# Where an export makes its ten crops (export --ten-crop, manifest "ten_crop") -> the crop mode its graph
+# computes from uint8 images; None: the graph takes normalised crops cut on the host.
+TEN_CROP_PLACES: dict[str, str | None] = {"host": None, "graph": TEN.name, "dense": DENSE.name}
 
 
 def crop_mode(crops) -> CropMode:
@@ -72,7 +95,8 @@ def crop_mode(crops) -> CropMode:
 
 
 class EvalTransform:
-    """PIL image -> the test-time crops: [3, c, c] for one crop, [n, 3, c, c] for more (normalised float32).
+    """PIL image -> the test-time crops: [3, c, c] for one crop, [n, 3, c, c] for more (normalised float32);
+    for a mode that cuts no crops (dense), the resized uint8 image [3, R, R].
 
     A class rather than a closure so DataLoader worker processes can pickle it.
     """
@@ -82,6 +106,8 @@ class EvalTransform:
         self.mode = crop_mode(crops)
 
     def __call__(self, img: Image.Image) -> Tensor:
+        if not self.mode.cuts_crops:  # dense: the model takes the resized image itself
+            return resize_uint8(img, self.spec)
         crops = self.mode.cut(resize_uint8(img, self.spec).unsqueeze(0), self.spec)[0]
         return crops[0] if self.mode.count == 1 else crops
 

@@ -15,6 +15,7 @@ import numpy as np
 from torch import nn
 
 from common import atomic_write, atomic_write_json, sha256_file
+from data.crops import TEN_CROP_PLACES
 from export.errors import ExportError
 
 FORMAT_VERSION = 1
@@ -36,6 +37,17 @@ def write_manifest(export_dir, manifest: dict) -> str:
     path = os.path.join(os.fspath(export_dir), MANIFEST_NAME)
     atomic_write_json(path, body)
     return path
+
+
+def ten_crop_place(manifest: dict) -> str:
+    """Where an export makes its ten crops (data.crops.TEN_CROP_PLACES: "host", "graph", "dense").
+    Manifests from before dense exports record only ``ten_crop_in_graph``."""
+    return manifest.get("ten_crop", "graph" if manifest.get("ten_crop_in_graph") else "host")
+
+
+def graph_crops(manifest: dict) -> str | None:
+    """The crop mode an export's graph computes ("10", "dense"), or None when it takes crops."""
+    return TEN_CROP_PLACES[ten_crop_place(manifest)]
 
 
 def listed_files(manifest: dict) -> list[dict]:

@@ -4,9 +4,12 @@ Graph contract (runtime/ and gradcam/ depend on it; the returned ``io`` goes int
 - crops outside the graph: input ``input`` float32 [N, 3, crop, crop] normalised, output ``logits``
   float32 [N, K]; with ``cam_output`` also ``features`` float32 [N, C, h, w] (the map entering global
   pooling), one ``features_<i>`` per member for an ensemble.
-- ten crops in the graph: input ``images`` uint8 [B, 3, resize, resize]; the graph normalises, cuts
-  the ten crops (models.TenCropModel, i.e. data.crops.TEN) and averages the crops' logits:
-  ``logits`` float32 [B, K]; with ``cam_output`` features are [B, 10, C, h, w].
+- ten crops in the graph (``ten_crop="graph"``): input ``images`` uint8 [B, 3, resize, resize]; the
+  graph normalises, cuts the ten crops (models.TenCropModel, i.e. data.crops.TEN) and averages the
+  crops' logits: ``logits`` float32 [B, K]; with ``cam_output`` features are [B, 10, C, h, w].
+- dense ten crops in the graph (``ten_crop="dense"``): the same input and logits; the graph runs the
+  trunk on the image and its mirror and reads the crops off the feature map (models.DenseTenCropModel);
+  with ``cam_output`` features are the full-image maps [B, 2, C, h, w] (image, mirror).
 - fp16: weights and arithmetic in fp16, but inputs and outputs keep the types above (casts inside
   the graph), so every consumer feeds and reads the same thing whatever the precision.
 
@@ -34,10 +37,11 @@ import torch
 from torch import Tensor, nn
 
 from common import atomic_write
-from data.crops import TEN
+from data.crops import TEN, TEN_CROP_PLACES
 from data.spec import PreprocessSpec
 from export.errors import ExportError
 from export.fp16 import convert_to_fp16
+from models.dense import DEFAULT_CENTRE, DenseTenCropModel
 from models.ensemble import Ensemble
 from models.tencrop import TenCropModel
 
@@ -59,10 +63,12 @@ class ExportGraph(nn.Module):
     ``model`` is a classifier or an Ensemble, fp32, in eval mode.
     """
 
-    def __init__(self, model: nn.Module, spec: PreprocessSpec, *, ten_crop_in_graph: bool, cam_output: bool):
+    def __init__(self, model: nn.Module, spec: PreprocessSpec, *, ten_crop: str, cam_output: bool,
+                 dense_centre: str = DEFAULT_CENTRE):
         super().__init__()
-        self.net = TenCropModel(model, spec, return_features=cam_output) if ten_crop_in_graph else model
-        self.ten_crop_in_graph = ten_crop_in_graph
+        self.net = (images_model(model, spec, ten_crop, return_features=cam_output, centre=dense_centre)
+                    if ten_crop != "host" else model)
+        self.ten_crop_in_graph = ten_crop != "host"
         self.cam_output = cam_output
 
     def forward(self, x: Tensor):
@@ -77,8 +83,22 @@ class ExportGraph(nn.Module):
         return (logits, *(features if isinstance(features, (list, tuple)) else [features]))
 
 
-def input_name(ten_crop_in_graph: bool) -> str:
-    return "images" if ten_crop_in_graph else "input"
+def images_model(model: nn.Module, spec: PreprocessSpec, ten_crop: str, return_features: bool = False,
+                 centre: str = DEFAULT_CENTRE) -> nn.Module:
+    """The module an images-in graph computes (and its PyTorch fp32 reference): exact or dense ten crops
+    (``centre``: how dense ten crops handle the centre crop, models.dense.CENTRE_MODES)."""
+    if ten_crop == "dense":
+        return DenseTenCropModel(model, spec, centre=centre, return_features=return_features)
+    return TenCropModel(model, spec, return_features=return_features)
+
+
+def check_ten_crop(ten_crop: str) -> None:
+    if ten_crop not in TEN_CROP_PLACES:
+        raise ExportError(f"ten_crop must be one of {', '.join(TEN_CROP_PLACES)}, got {ten_crop!r}")
+
+
+def input_name(ten_crop: str) -> str:
+    return "input" if ten_crop == "host" else "images"
 
 
 def output_names(cam_output: bool, ensemble_members: int | None = None) -> list[str]:
@@ -90,16 +110,17 @@ def output_names(cam_output: bool, ensemble_members: int | None = None) -> list[
     return ["logits"] + [f"features_{i}" for i in range(ensemble_members)]
 
 
-def example_input(spec: PreprocessSpec, ten_crop_in_graph: bool, batch: int = 2) -> Tensor:
+def example_input(spec: PreprocessSpec, ten_crop: str, batch: int = 2) -> Tensor:
     """A traced example; batch 2 so that no size-1 special case can be baked into the graph."""
     generator = torch.Generator().manual_seed(0)
-    if ten_crop_in_graph:
+    if ten_crop != "host":
         return torch.randint(0, 256, (batch, 3, spec.resize, spec.resize), dtype=torch.uint8, generator=generator)
     return torch.randn(batch, 3, spec.crop, spec.crop, generator=generator)
 
 
 def export_onnx(model: nn.Module, path, *, spec: PreprocessSpec, precision: str = "fp32",
-                ten_crop_in_graph: bool = False, cam_output: bool = False, opset: int | None = None) -> dict:
+                ten_crop: str = "host", cam_output: bool = False, opset: int | None = None,
+                dense_centre: str = DEFAULT_CENTRE) -> dict:
     """Export ``model`` (a classifier or an Ensemble) to ``path`` atomically; returns the graph's io spec.
 
     The graph is checked with ``onnx.checker`` (full check, with shape inference), its inputs and
@@ -109,11 +130,12 @@ def export_onnx(model: nn.Module, path, *, spec: PreprocessSpec, precision: str 
     """
     if precision not in PRECISIONS:
         raise ExportError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    check_ten_crop(ten_crop)
     opset = DEFAULT_OPSET if opset is None else int(opset)
     path = os.fspath(path)
     net = copy.deepcopy(model).eval().to(device="cpu", dtype=torch.float32)
-    graph = ExportGraph(net, spec, ten_crop_in_graph=ten_crop_in_graph, cam_output=cam_output).eval()
-    example = example_input(spec, ten_crop_in_graph)
+    graph = ExportGraph(net, spec, ten_crop=ten_crop, cam_output=cam_output, dense_centre=dense_centre).eval()
+    example = example_input(spec, ten_crop)
     with torch.no_grad():
         outputs = graph(example)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -121,10 +143,10 @@ def export_onnx(model: nn.Module, path, *, spec: PreprocessSpec, precision: str 
     if len(names_out) != len(outputs):
         raise ExportError(f"{path}: the model produced {len(outputs)} outputs, expected {names_out}")
     io = {
-        "inputs": [_tensor_spec(input_name(ten_crop_in_graph), example)],
+        "inputs": [_tensor_spec(input_name(ten_crop), example)],
         "outputs": [_tensor_spec(name, value) for name, value in zip(names_out, outputs)],
         "layout": "NCHW",
-        "crops_per_image": TEN.count if ten_crop_in_graph else 1,
+        "crops_per_image": 1 if ten_crop == "host" else TEN.count,
     }
     proto = _trace_to_onnx(graph, example, io, opset, path)
     if precision == "fp16":

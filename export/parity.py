@@ -86,6 +86,11 @@ def compare_logits(reference: np.ndarray, exported: np.ndarray) -> dict:
     }
 
 
+def top1_agreement(reference: np.ndarray, other: np.ndarray) -> float:
+    """Fraction of rows whose highest logit is the same class in both (ties: the lower class index)."""
+    return float(np.mean(np.argmax(reference, axis=1) == np.argmax(other, axis=1)))
+
+
 def _finite(value) -> float | None:
     """A JSON-safe float; NaN/inf (an exported graph that overflowed) become None, which fails every gate."""
     value = float(value)
@@ -155,7 +160,8 @@ def _fmt(name: str, value: float) -> str:
     return f"{value:.3g}"
 
 
-_COLUMNS = ("export", "artifact", "runtime", "images", "top-1", "top-5", "max|Δ|", "mean|Δ|", "cosine", "result")
+_COLUMNS = ("export", "artifact", "runtime", "images", "top-1", "top-5", "max|Δ|", "mean|Δ|", "cosine", "result",
+            "vs exact 10 (top-1)")
 
 
 def format_parity_table(exports: list[dict]) -> str:
@@ -170,6 +176,8 @@ def format_parity_table(exports: list[dict]) -> str:
                 _sci(report["max_abs_diff"]), _sci(report["mean_abs_diff"]),
                 "n/a" if report["cosine"] is None else f"{report['cosine']:.6f}",
                 "PASS" if report["passed"] else "FAIL: " + ", ".join(failed),
+                # a dense export's agreement with the exact ten crops: reported beside the gates, not gated
+                _pct(report["exact_top1_agreement"]) if "exact_top1_agreement" in report else "",
             ))
     if not rows:
         return "(no parity results)"

@@ -26,14 +26,16 @@ from export.errors import ExportError, ParityError
 from export.inputs import graph_inputs
 from export.int8 import CALIBRATION_IMAGES, calibration_inputs, calibration_samples, quantize_int8
 from export.manifest import (CAM_WEIGHTS_NAME, FORMAT_VERSION, file_entry, write_cam_weights, write_manifest)
-from export.onnx_export import EXPORTER, export_onnx
+from export.onnx_export import EXPORTER, check_ten_crop, export_onnx, images_model
 from export.ort import logits_runner, make_ort_session
-from export.parity import check_parity, compare_with_reference, reference_logits
+from export.parity import (apply_gates, check_parity, compare_logits, exported_logits, reference_logits,
+                           top1_agreement)
 from export.tensorrt import TensorRTEngine, build_tensorrt_engine, profile_shapes, resolve_mode
 from export.trt_support import check_tensorrt_support
 from models.checkpoint import CheckpointError, load_checkpoint, recorded_split_files
 from models.complexity import count_parameters
 from models.ensemble import Ensemble
+from models.dense import CENTRE_MODES, DEFAULT_CENTRE
 from models.tencrop import TenCropModel
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
@@ -149,7 +151,8 @@ def _versions(tensorrt_version: str | None) -> dict:
 
 
 def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = False, int8: bool = False,
-                       ensemble: bool | None = None, ten_crop_in_graph: bool = False, cam_output: bool = False,
+                       ensemble: bool | None = None, ten_crop: str = "host", dense_centre: str = DEFAULT_CENTRE,
+                       cam_output: bool = False,
                        tensorrt: str = "auto", max_batch: int = 64, data=None, out="runs/export",
                        train_dir="runs/train", parity_images: int = PARITY_IMAGES, calibration_images: int = CALIBRATION_IMAGES,
                        opset: int | None = None, progress: bool = True) -> dict:
@@ -158,12 +161,19 @@ def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = Fal
     ``ensemble``: None = when there are two or more checkpoints, True = required, False = never.
     ``int8`` adds a static int8 QDQ graph quantised from the fp32 one, calibrated on
     ``calibration_images`` training images of the checkpoint's split (of an ensemble: of its first member).
+    ``ten_crop``: "host" (the graph takes normalised crops), "graph" (uint8 image in, the exact ten crops
+    inside), "dense" (uint8 image in, dense ten crops inside, models.dense; its manifest also reports the
+    top-1 agreement of every artifact with the exact ten-crop PyTorch fp32 reference, not gated);
+    ``dense_centre``: the dense graph's centre crop (models.dense.CENTRE_MODES: own pass, interpolated, dropped).
     Every graph is checked against the PyTorch fp32 reference on ``parity_images`` held-out images;
     a failed gate does not stop the other exports: its manifest records ``parity.passed = false``,
     the failure is listed in ``failures``, and ``ok`` is False.
     Returns ``{"exports": [manifest, ...], "tensorrt": "built ..." | "skipped: why", "ok", "failures"}``.
     """
     build_trt, trt_line = resolve_mode(tensorrt)
+    check_ten_crop(ten_crop)
+    if dense_centre not in CENTRE_MODES:
+        raise ExportError(f"dense_centre must be one of {', '.join(CENTRE_MODES)}, got {dense_centre!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ExportError(f"max_batch must be a positive integer, got {max_batch!r}")
     if isinstance(parity_images, bool) or not isinstance(parity_images, int) or parity_images < 1:
@@ -182,7 +192,7 @@ def export_checkpoints(checkpoints: list[str] | None = None, *, fp16: bool = Fal
         targets.append(("ensemble-" + "+".join(s.name for s in sources), sources))
 
     settings = {"fp16": fp16, "int8": int8, "calibration_images": calibration_images,
-                "ten_crop_in_graph": ten_crop_in_graph, "cam_output": cam_output,
+                "ten_crop": ten_crop, "dense_centre": dense_centre, "cam_output": cam_output,
                 "build_trt": build_trt, "max_batch": max_batch, "data": data, "out": os.fspath(out),
                 "parity_images": parity_images, "opset": opset, "progress": progress}
     manifests, failures = [], []
@@ -202,12 +212,17 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
     export_dir = os.path.join(settings["out"], name)
     model = members[0].model if len(members) == 1 else Ensemble([m.model for m in members]).eval()
     spec = members[0].spec
-    ten_crop = settings["ten_crop_in_graph"]
+    ten_crop = settings["ten_crop"]
+    in_graph = ten_crop != "host"
     samples, origin = _parity_samples(members[0], settings["data"], settings["parity_images"], progress)
-    images, skipped = load_parity_images(samples, spec, ten_crop)
-    reference = TenCropModel(model, spec).eval() if ten_crop else model
+    images, skipped = load_parity_images(samples, spec, in_graph)
+    centre = settings["dense_centre"]
+    reference = images_model(model, spec, ten_crop, centre=centre).eval() if in_graph else model
     _log(progress, f"{name}: PyTorch fp32 reference on {len(images)} parity images")
     expected = reference_logits(reference, images)
+    # Dense is an approximation of the ten crops: how often each artifact picks the exact ten crops'
+    # class is reported beside its parity (which is against the dense reference, gated as usual).
+    exact = reference_logits(TenCropModel(model, spec).eval(), images) if ten_crop == "dense" else None
     precisions = ["fp32"] + ["fp16"] * settings["fp16"] + ["int8"] * settings["int8"]
 
     artifacts, reports, failures = [], {}, []
@@ -216,10 +231,10 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
     for precision in precisions:
         onnx_path = os.path.join(export_dir, ONNX_FILES[precision])
         if precision == "int8":  # quantised from the fp32 graph written (and verified) first
-            quantization, calibration = _quantize(members[0], fp32_path, onnx_path, io, ten_crop, settings)
+            quantization, calibration = _quantize(members[0], fp32_path, onnx_path, io, in_graph, settings)
         else:
             _log(progress, f"{name}: exporting {ONNX_FILES[precision]}")
-            info = export_onnx(model, onnx_path, spec=spec, precision=precision, ten_crop_in_graph=ten_crop,
+            info = export_onnx(model, onnx_path, spec=spec, precision=precision, ten_crop=ten_crop, dense_centre=centre,
                                cam_output=settings["cam_output"], opset=settings["opset"])
             io, opset = io or info["io"], info["opset"]
         artifacts.append(file_entry(onnx_path, format="onnx", precision=precision))
@@ -227,7 +242,8 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
             _check_for_tensorrt(onnx_path, f"{name}/{ONNX_FILES[precision]}", settings["build_trt"])
         session = make_ort_session(onnx_path, device="cpu")
         reports[ONNX_FILES[precision]] = _parity(expected, logits_runner(session), images, precision,
-                                                 "onnxruntime-cpu", name, ONNX_FILES[precision], failures, progress)
+                                                 "onnxruntime-cpu", name, ONNX_FILES[precision], failures, progress,
+                                                 exact)
         if settings["build_trt"]:
             plan_path = os.path.join(export_dir, PLAN_FILES[precision])
             _log(progress, f"{name}: building TensorRT engine {PLAN_FILES[precision]}")
@@ -238,7 +254,8 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
             with open(plan_path, "rb") as f:
                 engine = TensorRTEngine(f.read())
             reports[PLAN_FILES[precision]] = _parity(expected, engine.logits_runner(), images, precision,
-                                                     "tensorrt", name, PLAN_FILES[precision], failures, progress)
+                                                     "tensorrt", name, PLAN_FILES[precision], failures, progress,
+                                                     exact)
 
     cam_entry = None
     if settings["cam_output"]:
@@ -253,7 +270,9 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
         "classes": list(members[0].meta["classes"]),
         "spec": spec.to_dict(),
         "io": io,
-        "ten_crop_in_graph": ten_crop,
+        "ten_crop": ten_crop,
+        "ten_crop_in_graph": in_graph,
+        "dense_centre": centre if ten_crop == "dense" else None,
         "cam_output": settings["cam_output"],
         "cam_weights": cam_entry,
         "artifacts": artifacts,
@@ -262,9 +281,9 @@ def _export_target(name: str, members: list[Source], settings: dict) -> tuple[di
         "exporter": EXPORTER,
         "versions": _versions(trt_version),
         "parity": {
-            "reference": "PyTorch fp32 on CPU, TF32 off",
+            "reference": ("PyTorch fp32 dense ten crops" if ten_crop == "dense" else "PyTorch fp32") + " on CPU, TF32 off",
             "images": {**origin, "n_images": int(len(images)), "skipped": skipped,
-                       "input": "resized uint8 image" if ten_crop else "normalised centre crop"},
+                       "input": "resized uint8 image" if in_graph else "normalised centre crop"},
             "artifacts": reports,
             "passed": all(r["passed"] for r in reports.values()),
         },
@@ -298,19 +317,19 @@ def _check_for_tensorrt(onnx_path: str, label: str, strict: bool) -> None:
               f"first: {findings[0]}", file=sys.stderr, flush=True)
 
 
-def _quantize(source: Source, fp32_path: str, int8_path: str, io: dict, ten_crop: bool,
+def _quantize(source: Source, fp32_path: str, int8_path: str, io: dict, in_graph: bool,
               settings: dict) -> tuple[dict, Tensor]:
     """model_int8.onnx from model.onnx, calibrated on training images.
 
     Returns the manifest's ``int8`` section and the calibration inputs (a TensorRT build reuses them).
     """
     samples, origin = calibration_samples(source.meta, settings["data"], settings["calibration_images"])
-    inputs, skipped = calibration_inputs(samples, source.spec, ten_crop)
+    inputs, skipped = calibration_inputs(samples, source.spec, in_graph)
     _log(settings["progress"], f"{source.name}: quantising {os.path.basename(int8_path)} "
                                f"(calibration: {len(samples) - len(skipped)} training images, {len(inputs)} graph inputs)")
     settings_used = quantize_int8(fp32_path, int8_path, inputs, io=io, activations="uint8")
     calibration = {**origin, "n_images": len(samples) - len(skipped), "n_inputs": int(len(inputs)),
-                   "input": "resized uint8 image" if ten_crop else "ten normalised crops per image",
+                   "input": "resized uint8 image" if in_graph else "ten normalised crops per image",
                    "images": [s.path for s in samples if s.path not in {p for p, _ in skipped}], "skipped": skipped}
     section = {**settings_used, "calibration": calibration}
     if settings["build_trt"]:
@@ -319,8 +338,13 @@ def _quantize(source: Source, fp32_path: str, int8_path: str, io: dict, ten_crop
 
 
 def _parity(expected: np.ndarray, runner, images: Tensor, precision: str, runtime: str, name: str, file: str,
-            failures: list[str], progress: bool) -> dict:
-    report = {**compare_with_reference(expected, runner, images, precision), "runtime": runtime}
+            failures: list[str], progress: bool, exact: np.ndarray | None = None) -> dict:
+    """The gated parity report of one artifact; with ``exact`` (a dense export's exact ten-crop reference
+    logits) also ``exact_top1_agreement``, reported and never gated."""
+    got = exported_logits(runner, images)
+    report = {**apply_gates(compare_logits(expected, got), precision), "runtime": runtime}
+    if exact is not None:
+        report["exact_top1_agreement"] = top1_agreement(exact, got)
     try:
         check_parity(report, f"{name}/{file} ({runtime})")
         _log(progress, f"{name}: {file} parity on {report['n_images']} images under {runtime}: pass")

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from common.errors import InputError
 from data.crops import crop_mode
 from data.spec import PreprocessSpec
 from export import load_manifest
@@ -51,8 +50,7 @@ def gradcam_images(paths, model=None, class_name: str | None = None, crops: int 
             manifest = load_manifest(model_path)
             exported = ExportedCam(manifest, precision)
             exported.require_cam()
-            if exported.ten_crop_in_graph and mode.count != 10:
-                raise InputError(f"{model_path}: this export cuts ten crops inside its graph; use crops=10")
+            exported.check_crops(mode.name)
             reference, _ = load_reference(manifest)
             spec, classes = exported.spec, exported.classes
         else:

@@ -22,11 +22,14 @@ from common.errors import InputError
 from data.spec import PreprocessSpec
 from export import ExportError, artifact_path, load_cam_weights, make_ort_session
 from gradcam.core import CamResult, weighted_channel_sum
-from data.crops import TEN, crop_mode
+from data.crops import DENSE, TEN, crop_mode
+from export.manifest import graph_crops
 from export.parity import CAM_GATES, apply_gates
+from gradcam.dense import dense_targets, image_and_mirror_to_image
 from gradcam.tencrop import ImageCam, crops_to_image, image_cam, peak, per_crop_targets
 from models.checkpoint import load_checkpoint
 from models.ensemble import Ensemble
+from runtime.predictor import crop_mode_mismatch
 
 
 class ExportedCam:
@@ -42,7 +45,8 @@ class ExportedCam:
         self.precision = precision
         self.spec = PreprocessSpec.from_dict(manifest["spec"])
         self.classes = list(manifest["classes"])
-        self.ten_crop_in_graph = bool(manifest.get("ten_crop_in_graph"))
+        self.graph_crops = graph_crops(manifest)  # "10", "dense", or None (the graph takes crops)
+        self.ten_crop_in_graph = self.graph_crops is not None
         self.batch = batch
         self.has_cam = bool(manifest.get("cam_output"))
         self.weights = ([torch.from_numpy(np.asarray(w, dtype=np.float32)) for w, _ in load_cam_weights(manifest)]
@@ -63,21 +67,30 @@ class ExportedCam:
             raise ExportError(f"export {self.name!r}: graph outputs {outputs} do not match its {len(self.weights)} "
                               f"CAM weight set(s) (missing {missing})")
 
+    def check_crops(self, crops) -> None:
+        """InputError when the graph cannot give crop mode ``crops``, naming the export that can."""
+        mode = crop_mode(crops)
+        if self.graph_crops is not None and mode.name != self.graph_crops:
+            raise InputError(crop_mode_mismatch(f"export {self.name!r}", self.graph_crops, mode.name))
+        if self.graph_crops is None and not mode.cuts_crops:
+            raise InputError(f"export {self.name!r} takes crops; dense CAM needs an export made with "
+                             "--ten-crop dense --cam-output")
+
     def forward(self, images: Tensor, crops: int) -> tuple[Tensor, list[Tensor]]:
         """Resized uint8 images [B, 3, R, R] -> (crop logits [B*n, K], per member crop features [B*n, C, h, w]).
 
         An in-graph ten-crop graph returns only the crop-averaged logits: each crop row carries them.
+        A dense graph: (image logits [B, K], per member full-image maps [2B, C, h, w], image then mirror).
         """
-        if self.ten_crop_in_graph and crop_mode(crops).count != 10:
-            raise InputError(f"export {self.name!r} cuts ten crops inside its graph; "
-                             f"it cannot explain crops={crops} (use 10)")
+        self.check_crops(crops)
+        dense = self.graph_crops == DENSE.name
         logits, features = [], [[] for _ in self.feature_names]
         for start in range(0, len(images), self.batch):
             chunk = images[start:start + self.batch]
             feed = chunk if self.ten_crop_in_graph else crop_mode(crops).cut(chunk, self.spec).flatten(0, 1)
             out = self.session.run(["logits", *self.feature_names], {self.input_name: np.ascontiguousarray(feed.numpy())})
             crop_logits = torch.from_numpy(np.asarray(out[0], dtype=np.float32))
-            if self.ten_crop_in_graph:
+            if self.ten_crop_in_graph and not dense:
                 # The graph already averaged its crops' logits; CAM needs only its per-crop features.
                 crop_logits = crop_logits.repeat_interleave(TEN.count, dim=0)
             logits.append(crop_logits)
@@ -94,7 +107,7 @@ class ExportedCam:
     def image_logits(self, images: Tensor, crops: int = 10) -> Tensor:
         """[B, K] crop-averaged logits of resized uint8 images."""
         logits, _ = self.forward(images, crops)
-        return crop_mode(crops).reduce(logits)
+        return logits if self.graph_crops == DENSE.name else crop_mode(crops).reduce(logits)
 
     def image_cams(self, images: Tensor, crops: int = 10, target_sets=(None,)) -> list[ImageCam]:
         """Like ``gradcam.tencrop.image_cams``, from the exported graph (None: the export's own prediction)."""
@@ -102,6 +115,12 @@ class ExportedCam:
         logits, features = self.forward(images, crops)
         results = []
         for targets in target_sets:
+            if self.graph_crops == DENSE.name:  # full-image maps of image and mirror (gradcam.dense)
+                chosen = dense_targets(targets, logits)
+                maps = [weighted_channel_sum(a, w[chosen.repeat_interleave(2)]) for a, w in zip(features, self.weights)]
+                cam = CamResult(maps=maps, logits=logits, targets=chosen, scales=[1.0] * len(maps))
+                results.append(image_and_mirror_to_image(cam, self.spec, logits, chosen))
+                continue
             crop_targets = per_crop_targets(targets, crops)(logits)
             maps = [weighted_channel_sum(a, w[crop_targets]) for a, w in zip(features, self.weights)]
             cam = CamResult(maps=maps, logits=logits, targets=crop_targets, scales=[1.0] * len(maps))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from data.crops import CENTRE, TEN, crop_mode
+from data.crops import CENTRE, DENSE, TEN, crop_mode
 from data.folder import Sample
 from data.spec import PreprocessSpec
 from data.synth import mask_path
@@ -44,7 +44,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     ``images``: scan at most this many test images, spread over the classes (None: all).
     """
     try:
-        crop_mode(crops)
+        chosen = crop_mode(crops).name
         check_positive("limit", limit)
         path = newest_checkpoint() if checkpoint is None else os.fspath(checkpoint)
         model, meta = load_checkpoint(path)
@@ -55,7 +55,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     run_name = os.path.basename(os.path.dirname(os.path.abspath(path))) or "model"
     out = os.fspath(out) if out is not None else os.path.join(DEFAULT_OUT, f"errors-{run_name}")
     with_masks = any(os.path.isfile(mask_path(s.path)) for s in samples)
-    settings = sorted({crops, CENTRE.count, TEN.count} if with_masks else {crops})
+    settings = sorted({chosen, CENTRE.name, TEN.name} if with_masks else {chosen})
 
     # Pass 1: every test image's prediction and, with masks, where its true-class maps peak.
     failures: list[dict] = []
@@ -64,7 +64,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     for group, batch in image_groups(samples, spec, failures, progress, "grad-cam errors"):
         labels = torch.tensor([g.label for g in group])
         cams = {c: image_cams(model, batch, spec, c, [labels]) for c in settings}
-        probs = torch.softmax(cams[crops][0].logits, dim=1)
+        probs = torch.softmax(cams[chosen][0].logits, dim=1)
         for i, image in enumerate(group):
             predicted = int(probs[i].argmax())
             outcomes.append(Outcome(Sample(image.path, image.label), predicted, float(probs[i, predicted])))
@@ -88,9 +88,11 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     }
     correct = sum(o.correct for o in outcomes)
     pointing = None
-    if with_masks and hits[TEN.count]:
-        pointing = {"explained": "true class", "1_crop": pointing_summary(hits[CENTRE.count]),
-                    "10_crops": pointing_summary(hits[TEN.count])}
+    if with_masks and hits[TEN.name]:
+        pointing = {"explained": "true class", "1_crop": pointing_summary(hits[CENTRE.name]),
+                    "10_crops": pointing_summary(hits[TEN.name])}
+        if chosen == DENSE.name:  # the full-image maps of dense ten crops, scored the same way
+            pointing["dense"] = pointing_summary(hits[DENSE.name])
     return {
         "ok": True,
         "checkpoint": path,

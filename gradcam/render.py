@@ -31,7 +31,7 @@ def render_errors(r: dict) -> str:
              f"  galleries: {r['galleries']['errors']} (errors), {r['galleries']['correct']} (correct)"]
     pointing = r.get("pointing_game")
     if pointing:
-        for key in ("1_crop", "10_crops"):
+        for key in [k for k in ("1_crop", "10_crops", "dense") if k in pointing]:
             p = pointing[key]
             lines.append(f"  pointing game, {key.replace('_', ' ')}: {100 * p['share']:.1f}% of {p['images']} maps peak inside the object")
     else:
@@ -50,6 +50,10 @@ def render_validation(r: dict) -> str:
             lines.append(f"    CAM r mean {a['cam']['mean_correlation']:.4f} min {a['cam']['min_correlation']:.4f} "
                          f"(gate >= {a['cam']['gates']['mean_correlation']['limit']}) "
                          f"{'ok' if a['cam']['passed'] else 'FAILED'}")
+        exact_map = (a["cam"] or {}).get("exact_ten_crop_map")
+        if "exact_top1_agreement" in a["parity"]:  # a dense export: how close to the exact ten crops (not gated)
+            lines.append(f"    vs exact ten crops: top-1 agreement {100 * a['parity']['exact_top1_agreement']:.1f}%"
+                         + (f", CAM r mean {exact_map['mean_correlation']:.4f}" if exact_map else ""))
         lines.append(f"    top-1 differs on {len(a['top1_differs'])} image(s)")
     lines += [f"  problem: {p}" for p in r["problems"]]
     return "\n".join(lines)

@@ -72,7 +72,13 @@ def image_cams(
     target_sets: list[Tensor | None] = (None,),
     method: type[BaseCAM] = GradCAM,
 ) -> list[ImageCam]:
-    """``image_cam`` for several target sets (e.g. predicted and true class) from one backbone pass."""
+    """``image_cam`` for several target sets (e.g. predicted and true class) from one backbone pass.
+
+    crops="dense": the map from the full-image feature maps (gradcam.dense), no paste-back."""
+    if not crop_mode(crops).cuts_crops:
+        from gradcam.dense import dense_image_cams  # it builds on this module's ImageCam
+
+        return dense_image_cams(model, images, spec, target_sets, method)
     batch_crops = crop_mode(crops).cut(images, spec)
     batch = batch_crops.shape[0]
     cam = method(model)

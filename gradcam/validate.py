@@ -11,18 +11,20 @@ import torch
 from torch import Tensor, nn
 
 from common import atomic_write_json
-from data.crops import CENTRE, TEN
+from data.crops import CENTRE, DENSE, TEN
 from data.spec import PreprocessSpec
 from data.split import spread_evenly
 from export import load_manifest
 from export.ort import logits_runner
-from export.parity import apply_gates, compare_logits, exported_logits, reference_logits
+from export.manifest import graph_crops, ten_crop_place
+from export.onnx_export import images_model
+from models.dense import DEFAULT_CENTRE
+from export.parity import apply_gates, compare_logits, exported_logits, reference_logits, top1_agreement
 from export.pipeline import PARITY_IMAGES
-from gradcam.exported import ExportedCam, cam_gate_report, compare_with_reference_cam, load_reference
+from gradcam.exported import ExportedCam, cam_gate_report, compare_maps, compare_with_reference_cam, load_reference
 from gradcam.images import INPUT_ERRORS, LoadedImage, check_positive, held_out_samples, image_groups, log, panel_name
 from gradcam.panels import MapView, save_panel
 from gradcam.tencrop import ImageCam, image_cam
-from models.tencrop import TenCropModel
 
 MOST_MOVED = 4  # panels for this many images whose exported map moved most
 MAX_PANELS = 200  # cap on top-1 difference panels per artifact, so a broken export cannot flood the disk
@@ -52,6 +54,7 @@ class _ArtifactCheck:
     exported: ExportedCam
     logits: list = field(default_factory=list)
     cam_rows: list = field(default_factory=list)
+    exact_cam_rows: list = field(default_factory=list)  # dense export: its CAM vs the exact ten-crop map
     differs: list = field(default_factory=list)
     moved: list = field(default_factory=list)  # heap of (1 - correlation, counter, MovedMap), the MOST_MOVED lowest
 
@@ -68,6 +71,10 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
     reference's Grad-CAM of both classes when the export has no CAM) and for the MOST_MOVED images
     whose maps moved most. The JSON report goes atomically to ``out``/validation.json (default:
     <export>/validation/).
+
+    A dense export (``--ten-crop dense``) is gated against the PyTorch dense reference (logits and
+    Grad-CAM in dense mode); beside the gates it reports, per graph, the top-1 agreement with the
+    exact ten crops and the correlation of its CAM with the exact ten-crop paste-back map (same class).
     """
     try:
         check_positive("limit", limit)
@@ -82,15 +89,22 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
     except INPUT_ERRORS as exc:
         return {"ok": False, "error": str(exc)}
     out = os.fspath(out) if out is not None else os.path.join(manifest["export_dir"], "validation")
-    in_graph = bool(manifest.get("ten_crop_in_graph"))
-    parity_reference = TenCropModel(reference, spec).eval() if in_graph else reference
+    inside = graph_crops(manifest)
+    in_graph, dense = inside is not None, inside == DENSE.name
+    centre = manifest.get("dense_centre") or DEFAULT_CENTRE
+    parity_reference = (images_model(reference, spec, ten_crop_place(manifest), centre=centre).eval() if in_graph
+                        else reference)
+    exact_reference = images_model(reference, spec, "graph").eval() if dense else None
+    cam_crops = DENSE.name if dense else TEN.name
 
     log(progress, f"{manifest['name']}: {len(samples)} test images for parity, {len(cam_paths)} of them for "
                   f"Grad-CAM; graphs {', '.join(precisions)}")
-    reference_chunks, failures, used, counter, cam_images = [], [], set(), 0, 0
+    reference_chunks, exact_chunks, failures, used, counter, cam_images = [], [], [], set(), 0, 0
     for group, batch in image_groups(samples, spec, failures, progress, f"validate {manifest['name']}"):
         parity_input = batch if in_graph else CENTRE.cut(batch, spec)[:, 0]
         reference_chunks.append(reference_logits(parity_reference, parity_input))
+        if dense:
+            exact_chunks.append(reference_logits(exact_reference, parity_input))
         for check in checks.values():
             check.logits.append(exported_logits(logits_runner(check.exported.session), parity_input))
         picked = [i for i, image in enumerate(group) if image.path in cam_paths]
@@ -98,17 +112,27 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
             continue
         cam_group, cam_batch = [group[i] for i in picked], batch[picked]
         cam_images += len(picked)
-        ref_cam = image_cam(reference, cam_batch, spec, crops=TEN.count)
+        ref_cam = image_cam(reference, cam_batch, spec, crops=cam_crops)
+        exact_cam = image_cam(reference, cam_batch, spec, crops=TEN.name, targets=ref_cam.targets) if dense else None
         for check in checks.values():
-            counter = _compare_group(check, reference, cam_group, cam_batch, spec, ref_cam, classes, out, used, counter)
+            counter = _compare_group(check, reference, cam_group, cam_batch, spec, ref_cam, classes, out, used, counter,
+                                     cam_crops, exact_cam)
 
     if not reference_chunks:
         return {"ok": False, "error": f"none of the {len(samples)} test images could be read", "failures": failures}
     expected = np.concatenate(reference_chunks)
     artifacts, problems = {}, []
     for precision, check in checks.items():
-        parity = apply_gates(compare_logits(expected, np.concatenate(check.logits)), precision)
+        got = np.concatenate(check.logits)
+        parity = apply_gates(compare_logits(expected, got), precision)
         cam = cam_gate_report(check.cam_rows, precision) if check.cam_rows else None
+        if dense:  # reported beside the gates, never gated: dense is an approximation of the ten crops
+            parity["exact_top1_agreement"] = top1_agreement(np.concatenate(exact_chunks), got)
+            if cam is not None:
+                correlations = np.array([r["correlation"] for r in check.exact_cam_rows])
+                cam["exact_ten_crop_map"] = {"n_images": len(correlations),
+                                             "mean_correlation": float(correlations.mean()),
+                                             "min_correlation": float(correlations.min())}
         moved = [m for _, _, m in sorted(check.moved, key=lambda entry: entry[:2], reverse=True)]
         artifacts[precision] = {
             "file": check.exported.file,
@@ -127,8 +151,9 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
         "export_dir": manifest["export_dir"],
         "kind": manifest["kind"],
         "images": {**origin, "n_images": len(expected), "cam_images": cam_images, "skipped": failures},
-        "parity_input": "resized uint8 image (ten crops in the graph)" if in_graph else "normalised centre crop",
-        "cam_crops": TEN.count,
+        "parity_input": (f"resized uint8 image ({'dense ten crops' if dense else 'ten crops'} in the graph)"
+                         if in_graph else "normalised centre crop"),
+        "cam_crops": cam_crops,
         "artifacts": artifacts,
         "problems": problems,
         "out": out,
@@ -140,12 +165,15 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
 
 def _compare_group(check: _ArtifactCheck, reference: nn.Module, group: list[LoadedImage], batch: Tensor,
                    spec: PreprocessSpec, ref_cam: ImageCam, classes: list[str], out: str, used: set[str],
-                   counter: int) -> int:
-    """Exported maps and predictions of one group vs the reference's; panels for changed top-1."""
+                   counter: int, crops: str, exact_cam: ImageCam | None) -> int:
+    """Exported maps and predictions of one group vs the reference's (in crop mode ``crops``); panels for
+    changed top-1. ``exact_cam``: the exact ten-crop map of the same classes, compared with a dense export's."""
     exported = check.exported
     if exported.has_cam:
-        rows, same_class, own = compare_with_reference_cam(exported, batch, ref_cam, TEN.count)
+        rows, same_class, own = compare_with_reference_cam(exported, batch, ref_cam, crops)
         check.cam_rows += rows
+        if exact_cam is not None:
+            check.exact_cam_rows += compare_maps(exact_cam.maps, same_class.maps)
         exported_targets, exported_maps = own.targets, own.maps
         for i, row in enumerate(rows):
             moved = MovedMap(group[i].path, row["correlation"], row["peak_distance_px"],
@@ -157,7 +185,7 @@ def _compare_group(check: _ArtifactCheck, reference: nn.Module, group: list[Load
             else:
                 heapq.heappushpop(check.moved, entry)
     else:
-        exported_targets, exported_maps = exported.image_logits(batch, TEN.count).argmax(dim=1), None
+        exported_targets, exported_maps = exported.image_logits(batch, crops).argmax(dim=1), None
     for i in torch.nonzero(exported_targets != ref_cam.targets).flatten().tolist():
         ref_class, exp_class = int(ref_cam.targets[i]), int(exported_targets[i])
         entry = {"path": group[i].path, "reference": classes[ref_class], "exported": classes[exp_class]}
@@ -165,7 +193,7 @@ def _compare_group(check: _ArtifactCheck, reference: nn.Module, group: list[Load
             if exported_maps is not None:
                 exp_view = MapView(f"export {exported.precision} CAM: {classes[exp_class]}", exported_maps[i])
             else:
-                other = image_cam(reference, batch[i:i + 1], spec, crops=TEN.count, targets=torch.tensor([exp_class]))
+                other = image_cam(reference, batch[i:i + 1], spec, crops=crops, targets=torch.tensor([exp_class]))
                 exp_view = MapView(f"reference Grad-CAM: {classes[exp_class]} (export's class)", other.maps[0])
             views = [MapView(f"reference Grad-CAM: {classes[ref_class]}", ref_cam.maps[i]), exp_view]
             name = panel_name(group[i].path, used, f"_{exported.precision}_top1")

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from common.errors import InputError
 from data.geometry import ten_crop_boxes
 from data.spec import PreprocessSpec
 from data.transforms import normalize
@@ -55,8 +56,9 @@ _STRIDE_PROBE = 512 * 9
 _CORNERS = 4  # TL, TR, BL, BR: the first four of five_crop's boxes, the fifth is the centre
 
 
-class DenseGeometryError(ValueError):
-    """The ten crops' windows do not fall on the trunk's feature-map grid for this resize and crop."""
+class DenseGeometryError(InputError):
+    """The ten crops' windows do not fall on the trunk's feature-map grid for this resize and crop
+    (the user's choice of geometry: the CLI prints it as one line; a ValueError too)."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,15 @@ def _window_weights(geometry: DenseGeometry, centre: str) -> Tensor:
     return torch.stack(maps) / geometry.crop_cells ** 2
 
 
+def dense_flops(model: nn.Module, spec: PreprocessSpec, centre: str = DEFAULT_CENTRE) -> int:
+    """Forward FLOPs of dense ten crops per image (models.complexity): the trunk on the image and its
+    mirror, plus the centre crop and its mirror when the centre has its own pass."""
+    from models.complexity import model_flops
+
+    centre_passes = 2 if centre == "pass" else 0
+    return 2 * model_flops(model, spec.resize) + centre_passes * model_flops(model, spec.crop)
+
+
 class DenseTenCropModel(nn.Module):
     """Input ``[B, 3, spec.resize, spec.resize]`` uint8 (or float holding 0..255), as TenCropModel.
 
@@ -236,7 +247,7 @@ class DenseTenCropModel(nn.Module):
             centres = both[:, :, box.top:box.top + box.size, box.left:box.left + box.size]
             centre_logits = self.model.forward_head(self.model.forward_features(centres)).float()
             window_logits = torch.cat([window_logits, centre_logits.unsqueeze(1)], dim=1)
-        batch = x.shape[0]
+        batch = images.shape[0]  # of the float tensor: TensorRT reads no Shape of a uint8 input
         # [2B, n, K] -> [B, 2n, K]: the image's five (or four) windows, then the mirror's, as TenCrop orders them.
         crop_logits = torch.cat([window_logits[:batch], window_logits[batch:]], dim=1)
         return crop_logits, features

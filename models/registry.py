@@ -75,10 +75,13 @@ def create_model(name: str, num_classes: int, **kwargs) -> nn.Module:
     return model
 
 
-def default_spec(name: str, crop: int | None = None, norm: str | None = None) -> PreprocessSpec:
+def default_spec(name: str, crop: int | None = None, norm: str | None = None,
+                 resize: int | None = None) -> PreprocessSpec:
     """Preprocessing the architecture is trained with: 224 crops of 256 resizes, or its pretrained
     weights' own. ``crop``/``norm`` replace only the crop side (the resize keeps the 224/256 ratio) or
-    the normalisation ("imagenet" | "half"); the interpolation stays the architecture's."""
+    the normalisation ("imagenet" | "half"); ``resize`` replaces the resize side (e.g. one whose
+    margin is a multiple of the output stride, for dense ten crops); the interpolation stays the
+    architecture's."""
     entry = _entry(name)
     spec = spec_for_crop(crop or entry.crop, norm or entry.norm)
-    return dataclasses.replace(spec, interpolation=entry.interpolation)
+    return dataclasses.replace(spec, interpolation=entry.interpolation, resize=resize or spec.resize)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from data.spec import PreprocessSpec
 from export.ort import cuda_device_index, cuda_provider_problem  # noqa: F401 (the loader asks it too)
+from export.manifest import graph_crops
 from runtime.predictor import BackendError, Predictor
 
 LOGITS = "logits"
@@ -21,7 +22,7 @@ class OrtPredictor(Predictor):
         from export.ort import make_ort_session
 
         super().__init__(source=source, spec=PreprocessSpec.from_dict(manifest["spec"]), classes=manifest["classes"],
-                         device=device, precision=precision, ten_crop_in_graph=bool(manifest["ten_crop_in_graph"]))
+                         device=device, precision=precision, graph_crops=graph_crops(manifest))
         self.manifest = manifest
         self.artifact = artifact_path(manifest, precision=precision, fmt="onnx")
         on_gpu = device.startswith("cuda")

@@ -31,7 +31,7 @@ class TorchPredictor(Predictor):
             raise InputError(f"torch backend precision must be one of {', '.join(TORCH_PRECISIONS)}, got {precision!r}")
         tags = (["channels_last"] if channels_last else []) + (["compiled"] if compile else [])
         super().__init__(source=source, spec=PreprocessSpec.from_dict(meta["spec"]), classes=meta["classes"],
-                         device=device, precision=precision, ten_crop_in_graph=False,
+                         device=device, precision=precision, graph_crops=None,
                          record=meta.get("record"), tags=tuple(tags))
         self.arch = meta["arch"]
         self._dtype = TORCH_PRECISIONS[precision]
@@ -39,7 +39,19 @@ class TorchPredictor(Predictor):
         model = model.eval().to(device=device, dtype=self._dtype, memory_format=self._memory_format)
         self.model = model  # the eager module (Grad-CAM and parity checks want it)
         self._compiled = bool(compile)
+        self._compile = compile
         self._module = _compile_model(model, compile, device) if compile else model
+        self._dense_module = None  # built on first use: its geometry check must not stop crops=10/1
+
+    def _forward_dense(self, images: Tensor) -> Tensor:
+        if self._dense_module is None:
+            from models.dense import DenseTenCropModel
+
+            dense = DenseTenCropModel(self.model, self.spec).eval()
+            self._dense_module = _compile_model(dense, self._compile, self.device) if self._compiled else dense
+        with torch.inference_mode(), self._fp32_reference_math():
+            logits = self._dense_module(images)
+        return logits.clone() if self._compiled else logits
 
     def _forward_crops(self, crops: Tensor) -> Tensor:
         x = crops.to(dtype=self._dtype, memory_format=self._memory_format)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from data.spec import PreprocessSpec
+from export.manifest import graph_crops
 from runtime.predictor import BackendError, Predictor
 
 LOGITS = "logits"
@@ -38,7 +39,7 @@ class TensorRTPredictor(Predictor):
         if not device.startswith("cuda"):
             raise BackendError(f"the tensorrt backend runs on CUDA only, not on {device!r}")
         super().__init__(source=source, spec=PreprocessSpec.from_dict(manifest["spec"]), classes=manifest["classes"],
-                         device=device, precision=precision, ten_crop_in_graph=bool(manifest["ten_crop_in_graph"]))
+                         device=device, precision=precision, graph_crops=graph_crops(manifest))
         self.manifest = manifest
         self.artifact = artifact_path(manifest, precision=precision, fmt="tensorrt")
         with torch.cuda.device(device):

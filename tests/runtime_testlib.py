@@ -16,7 +16,7 @@ from torch import nn
 
 from data.folder import scan_folder
 from data.images import load_rgb
-from data.spec import spec_for_crop
+from data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, spec_for_crop
 from data.split import load_split, make_split, save_split
 from data.synth import synthesize
 from data.crops import eval_transform
@@ -26,9 +26,18 @@ CROP = 32
 CLASSES = 4
 
 
-def tiny_run(base_dir) -> dict:
-    """{"checkpoint", "data", "split"}: built under base_dir on first use, reused afterwards."""
-    folder = os.path.join(os.fspath(base_dir), "runtime-tiny")
+# Dense ten crops need resize - crop to be a multiple of the trunk's stride (32): 96/64 aligns.
+DENSE_SPEC = PreprocessSpec(resize=96, crop=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def tiny_run(base_dir, spec: PreprocessSpec | None = None) -> dict:
+    """{"checkpoint", "data", "split"}: built under base_dir on first use, reused afterwards.
+
+    ``spec``: the checkpoint's preprocessing (default: the standard spec of CROP, whose geometry has
+    no dense ten crops); each spec gets its own run folder."""
+    spec = spec or spec_for_crop(CROP)
+    name = "runtime-tiny" if spec == spec_for_crop(CROP) else f"runtime-tiny-{spec.resize}-{spec.crop}"
+    folder = os.path.join(os.fspath(base_dir), name)
     checkpoint = os.path.join(folder, "best.pt")
     data_root = os.path.join(folder, "synth")
     split_path = os.path.join(folder, "split.json")
@@ -36,7 +45,6 @@ def tiny_run(base_dir) -> dict:
         synthesize(data_root, classes=CLASSES, per_class=16, size=48, seed=0, progress=False)
         split = make_split(scan_folder(data_root), test_fraction=0.25, seed=0)
         save_split(split, split_path)
-        spec = spec_for_crop(CROP)
         model = _fitted_model(split, spec)
         save_checkpoint(checkpoint, model, arch="resnet18", classes=split.classes, spec=spec,
                         record={"data": data_root, "split": split_path})

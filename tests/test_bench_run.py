@@ -103,7 +103,7 @@ def test_run_bench_rows_files_and_compare(workspace):
         assert row["peak_fraction"] == pytest.approx(row["achieved_flops_per_s"] / first["peaks"]["fp32"]["flops"])
         assert row["eval_images"] == len(load_split(workspace["split"]).test)
         assert row["top1"] == pytest.approx(expected["top1"]) and row["top5"] == pytest.approx(expected["top5"])
-        assert row["agreement_top1"] == 100.0 and row["reference"] == "torch fp32 eager"
+        assert row["agreement_top1"] == 100.0 and row["reference"] == "torch fp32 eager, exact ten crops"
         assert row["speedup"] == pytest.approx(row["images_per_s"] / baseline[row["mode"]]["images_per_s"])
     for row in rows[2:]:
         assert row["preprocess"] == "host"

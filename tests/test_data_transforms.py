@@ -44,7 +44,7 @@ def test_eval_transform_equals_torchvision(data_photo, spec, crops):
 
 
 def test_eval_transform_rejects_other_crop_counts():
-    with pytest.raises(ValueError, match="crops must be 1 or 10"):
+    with pytest.raises(ValueError, match="crops must be 1, 10 or dense"):
         eval_transform(SPECS[0], 5)
 
 

@@ -133,7 +133,7 @@ def test_runtime_loads_the_int8_export_and_agrees_with_fp32(run, exported):
 
 
 def test_ten_crop_in_graph_int8_keeps_uint8_input_and_fp32_preprocessing(run, tmp_path):
-    result = export_checkpoints([run["checkpoint"]], int8=True, ten_crop_in_graph=True, tensorrt="off",
+    result = export_checkpoints([run["checkpoint"]], int8=True, ten_crop="graph", tensorrt="off",
                                 out=tmp_path, calibration_images=8, progress=False)
     manifest = result["exports"][0]
     assert manifest["int8"]["calibration"]["n_inputs"] == 8  # resized images, the graph cuts the crops

@@ -96,7 +96,7 @@ def test_fp16_graph_keeps_fp32_inputs_and_outputs(tmp_path):
 def test_ten_crop_graph_equals_host_ten_crop_path(resized, tmp_path):
     model = tiny("resnet18")
     path = tmp_path / "tencrop.onnx"
-    info = export_onnx(model, path, spec=SPEC, ten_crop_in_graph=True, cam_output=True)
+    info = export_onnx(model, path, spec=SPEC, ten_crop="graph", cam_output=True)
     assert info["io"]["inputs"] == [{"name": "images", "dtype": "uint8", "shape": ["batch", 3, 55, 55]}]
     images = resized[:5]
     logits, features = run(path, images.numpy())
@@ -116,7 +116,7 @@ def test_ten_crop_graph_equals_host_ten_crop_path(resized, tmp_path):
 def test_ten_crop_graph_in_fp16_takes_uint8_and_passes_the_gates(resized, tmp_path):
     model = tiny("xception_small")
     path = tmp_path / "tencrop_fp16.onnx"
-    export_onnx(model, path, spec=SPEC, precision="fp16", ten_crop_in_graph=True)
+    export_onnx(model, path, spec=SPEC, precision="fp16", ten_crop="graph")
     session = make_ort_session(path)
     assert session.get_inputs()[0].type == "tensor(uint8)"
     assert session.get_outputs()[0].type == "tensor(float)"

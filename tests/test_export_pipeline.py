@@ -186,7 +186,7 @@ def test_no_checkpoint_found_is_a_clear_error(tmp_path):
 
 def test_ten_crop_in_graph_export_on_the_data_folder(runs, tmp_path, capsys):
     checkpoint = str(runs["train"] / "r18" / "best.pt")
-    result = export_checkpoints([checkpoint], ten_crop_in_graph=True, fp16=True, tensorrt="off", parity_images=5,
+    result = export_checkpoints([checkpoint], ten_crop="graph", fp16=True, tensorrt="off", parity_images=5,
                                 data=runs["index"].root, out=tmp_path / "export", progress=True)
     assert result["ok"], result["failures"]
     (manifest,) = result["exports"]

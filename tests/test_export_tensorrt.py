@@ -111,7 +111,7 @@ def test_engines_of_every_precision_pass_the_gates_in_chunks(tmp_path_factory, t
     """The fitted test model (clear margins, no tied weights), exported with engines for ONE image per
     call: parity feeds 16 per batch, so every engine runs chunk by chunk, from split (misaligned) views."""
     run = tiny_run(tmp_path_factory.getbasetemp())
-    result = export_checkpoints([run["checkpoint"]], fp16=True, int8=True, ten_crop_in_graph=ten_crop_in_graph,
+    result = export_checkpoints([run["checkpoint"]], fp16=True, int8=True, ten_crop="graph" if ten_crop_in_graph else "host",
                                 tensorrt="on", max_batch=1, calibration_images=16, parity_images=48,
                                 out=tmp_path_factory.mktemp("trt"), progress=False)
     manifest = result["exports"][0]

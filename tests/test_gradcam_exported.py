@@ -42,7 +42,7 @@ def setup(tmp_path_factory):
     singles = export_checkpoints([checkpoints["a"], checkpoints["x"]], ensemble=False, fp16=True, cam_output=True,
                                  out=tmp / "export", tensorrt="off", parity_images=4, progress=False)
     ensemble = export_checkpoints([checkpoints["a"], checkpoints["b"]], ensemble=True, cam_output=True,
-                                  ten_crop_in_graph=True, out=tmp / "export-ens", tensorrt="off",
+                                  ten_crop="graph", out=tmp / "export-ens", tensorrt="off",
                                   parity_images=4, progress=False)
     images = torch.stack([resize_uint8(load_rgb(s.path), SPEC) for s in split.test])
     return {

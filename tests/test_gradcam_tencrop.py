@@ -108,7 +108,7 @@ def test_peak_and_bad_inputs():
     maps[0, 3, 6] = 1.0
     maps[1, 0, 2] = 2.0
     assert peak(maps) == [(6, 3), (2, 0)]
-    with pytest.raises(ValueError, match="crops must be 1 or 10"):
+    with pytest.raises(ValueError, match="crops must be 1, 10 or dense"):
         image_cam(RedChannel(), random_images(), SPEC, crops=5)
     with pytest.raises(ValueError, match="resized images"):
         image_cam(RedChannel(), torch.zeros(1, 3, 8, 8, dtype=torch.uint8), SPEC)

@@ -35,7 +35,7 @@ def exports(run, tmp_path_factory):
         # The crops-outside graph also returns the CAM feature map: the runtime asks for the logits only.
         # TensorRT engines where TensorRT and a GPU exist, for at most 4 images a call: the runs below
         # feed 6, so they go through the engine in chunks (split views of one batch).
-        result = export.export_checkpoints([run["checkpoint"]], fp16=True, ten_crop_in_graph=ten_crop,
+        result = export.export_checkpoints([run["checkpoint"]], fp16=True, ten_crop="graph" if ten_crop else "host",
                                            cam_output=not ten_crop, tensorrt="auto", max_batch=4,
                                            out=str(out / kind), parity_images=8, progress=False)
         folders[kind] = result["exports"][0]["export_dir"]

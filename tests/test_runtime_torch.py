@@ -122,7 +122,7 @@ def test_clear_errors(run, tmp_path):
             runtime.load(run["checkpoint"], device="cuda")
     predictor = runtime.load(run["checkpoint"], device="cpu")
     images = torch.zeros(2, 3, 37, 37, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="crops must be 1 or 10"):
+    with pytest.raises(ValueError, match="crops must be 1, 10 or dense"):
         predictor.logits_from_images(images, crops=5)
     with pytest.raises(ValueError, match=r"uint8 images \[B,3,37,37\]"):
         predictor.logits_from_images(images.float())

@@ -3,15 +3,15 @@ graphs TensorRT's ONNX parser documents it rejects (ONNX Runtime's default int32
 
 Every architecture is exported (tiny widths, 32-px crops) once with the CAM output; its fp16 graph is
 what export_onnx writes for fp16 (convert_to_fp16 of the same trace), its int8 graphs are the ONNX
-Runtime quantiser's, as the export makes them; the in-graph ten-crop and ensemble graphs come from
-export_onnx too.
+Runtime quantiser's, as the export makes them; the in-graph ten-crop, dense ten-crop and ensemble
+graphs come from export_onnx too (dense at 96/64 px, a geometry whose windows align).
 """
 import onnx
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from data.spec import spec_for_crop
+from data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, spec_for_crop
 from export.fp16 import convert_to_fp16
 from export.int8 import quantize_int8
 from export.onnx_export import export_onnx
@@ -19,6 +19,7 @@ from export.trt_support import TensorRTSupportError, check_tensorrt_support, ten
 from models import Ensemble, create_model, list_models
 
 SPEC = spec_for_crop(32)
+DENSE_SPEC = PreprocessSpec(resize=96, crop=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 def _tiny(name: str, seed: int = 0):
@@ -28,23 +29,24 @@ def _tiny(name: str, seed: int = 0):
     return create_model(name, 4, width_mult=0.125).eval()
 
 
-def _calibration(io: dict) -> torch.Tensor:
+def _calibration(io: dict, spec: PreprocessSpec) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     if io["crops_per_image"] == 10:
-        return torch.randint(0, 256, (2, 3, SPEC.resize, SPEC.resize), dtype=torch.uint8, generator=generator)
-    return torch.randn(8, 3, SPEC.crop, SPEC.crop, generator=generator)
+        return torch.randint(0, 256, (2, 3, spec.resize, spec.resize), dtype=torch.uint8, generator=generator)
+    return torch.randn(8, 3, spec.crop, spec.crop, generator=generator)
 
 
-def _graph_kinds(model, folder, stem: str, *, ten_crop: bool, cam: bool) -> dict:
+def _graph_kinds(model, folder, stem: str, *, ten_crop: str, cam: bool) -> dict:
     """{kind: path} of the fp32, fp16 and both int8 graphs (ONNX Runtime's uint8 one, TensorRT's sibling)."""
     fp32 = folder / f"{stem}.onnx"
-    info = export_onnx(model, fp32, spec=SPEC, ten_crop_in_graph=ten_crop, cam_output=cam)
+    spec = DENSE_SPEC if ten_crop == "dense" else SPEC
+    info = export_onnx(model, fp32, spec=spec, ten_crop=ten_crop, cam_output=cam)
     fp16 = folder / f"{stem}_fp16.onnx"
     onnx.save(convert_to_fp16(onnx.load(fp32)), fp16)
     paths = {"fp32": fp32, "fp16": fp16}
     for activations in ("uint8", "int8-symmetric"):
         paths[f"int8 {activations}"] = folder / f"{stem}_int8_{activations}.onnx"
-        quantize_int8(fp32, paths[f"int8 {activations}"], _calibration(info["io"]), io=info["io"],
+        quantize_int8(fp32, paths[f"int8 {activations}"], _calibration(info["io"], spec), io=info["io"],
                       activations=activations)
     return paths
 
@@ -54,13 +56,17 @@ def graphs(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("trt-support")
     graphs = {}
     for name in list_models():
-        graphs[name] = _graph_kinds(_tiny(name), folder, name, ten_crop=False, cam=True)
-    graphs["ten-crop in graph"] = _graph_kinds(_tiny("resnet18"), folder, "tencrop", ten_crop=True, cam=False)
+        graphs[name] = _graph_kinds(_tiny(name), folder, name, ten_crop="host", cam=True)
+    graphs["ten-crop in graph"] = _graph_kinds(_tiny("resnet18"), folder, "tencrop", ten_crop="graph", cam=False)
+    for name in ("resnet18", "xception_small"):  # a padded stem, and Xception's valid-padding one
+        graphs[f"{name}, dense ten crops"] = _graph_kinds(_tiny(name), folder, f"{name}_dense", ten_crop="dense",
+                                                         cam=True)
     pair = Ensemble([_tiny("resnet18", 0), _tiny("resnet26", 1)]).eval()
-    graphs["ensemble"] = _graph_kinds(pair, folder, "ensemble", ten_crop=False, cam=True)
+    graphs["ensemble"] = _graph_kinds(pair, folder, "ensemble", ten_crop="host", cam=True)
+    graphs["ensemble, dense ten crops"] = _graph_kinds(pair, folder, "ensemble_dense", ten_crop="dense", cam=False)
     graphs["ensemble, ten-crop in graph"] = {
         "fp32": folder / "ensemble_tencrop.onnx"}
-    export_onnx(pair, graphs["ensemble, ten-crop in graph"]["fp32"], spec=SPEC, ten_crop_in_graph=True)
+    export_onnx(pair, graphs["ensemble, ten-crop in graph"]["fp32"], spec=SPEC, ten_crop="graph")
     return graphs
 
 
@@ -71,7 +77,7 @@ def test_every_graph_tensorrt_builds_from_passes(graphs):
             if kind in kinds:
                 assert tensorrt_findings(kinds[kind]) == [], f"{name} {kind}"
                 checked += 1
-    assert checked == 3 * (len(list_models()) + 2) + 1
+    assert checked == 3 * (len(list_models()) + 5) + 1
 
 
 def test_onnx_runtime_int8_graph_is_flagged_for_its_int32_biases_and_uint8_activations(graphs):

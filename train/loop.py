@@ -54,6 +54,7 @@ class TrainConfig:
     min_scale: Optional[float] = None   # augment "resized-crop": smallest crop, as a share of the image's area
     ema: Optional[float] = None         # decay of the weight average that is validated and saved; 0: off
     image_size: Optional[int] = None    # crop side; None: the data set's / model's default
+    resize: Optional[int] = None        # resize side before cropping; None: crop·256/224
     progressive_from: Optional[int] = None  # first epoch's crop side, growing linearly to image_size; 0: off
     synth_stream: Optional[int] = None  # embedded set: fresh images per class per epoch; 0: the stored train split
     norm: Optional[str] = None          # "imagenet" | "half"; None: the model's default
@@ -177,9 +178,9 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
 
 def _resolve_spec(config: TrainConfig):
     """The architecture's preprocessing (models.default_spec), at --image-size (else the embedded set's
-    crop side when training on it) and --norm when given."""
+    crop side when training on it), --resize and --norm when given."""
     crop = config.image_size or (synth.embedded_crop(config.quick_data) if config.data is None else None)
-    return default_spec(config.arch, crop=crop, norm=config.norm)
+    return default_spec(config.arch, crop=crop, norm=config.norm, resize=config.resize)
 
 
 def epoch_crop_sizes(epochs: int, final: int, start: Optional[int]) -> list[int]:
