@@ -123,11 +123,13 @@ def data_check(path, verify, as_json):
 @click.option("--name", help="Run folder name under --out (default: ARCH).")
 @click.option("--resume", is_flag=True, help="Continue the run from its last.pt; ends where an uninterrupted run would.")
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False), help="xception_pretrained: local ImageNet weights file.")
+@click.option("--initial-checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Start from this trained checkpoint (same architecture and classes), e.g. to fine-tune it at a larger --image-size.")
 @click.option("--width-mult", type=float, help="Scale every layer's width (tiny models for experiments; default: full width).")
 @json_option
 def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_decay, dropout, label_smoothing, augment,
           min_scale, ema, image_size, resize, progressive_from, synth_stream, norm, amp, device, workers, seed, out, name,
-          resume, weights, width_mult, as_json):
+          resume, weights, initial_checkpoint, width_mult, as_json):
     """Train ARCH (resnet18, resnet26, xception_small, xception_medium, xception_pretrained).
 
     Unset options follow the default recipe (train/recipe.py; measured in docs/RECIPES.md); the run's
@@ -143,7 +145,8 @@ def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_deca
                          image_size=image_size, resize=resize, progressive_from=progressive_from, synth_stream=synth_stream,
                          norm=norm, amp=amp,
                          device=device, workers=workers, seed=seed, out=out, name=name, resume=resume,
-                         weights=weights, width_mult=width_mult, progress=not as_json)
+                         weights=weights, initial_checkpoint=initial_checkpoint, width_mult=width_mult,
+                         progress=not as_json)
     result = train_model(config)
     if result:
         emit(result, as_json, lambda r: f"{r['arch']}: best val top-1 {r['best_val_top1']:.1f}% (1 crop) "

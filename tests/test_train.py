@@ -63,6 +63,45 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert [r["val_top1"] for r in a["record"]["history"]] == [r["val_top1"] for r in b["record"]["history"]]
 
 
+def test_initial_checkpoint_starts_from_its_weights_at_a_new_size(tmp_path):
+    first = train_model(tiny_config(tmp_path, name="first", epochs=1))
+    # lr 0: AdamW moves nothing (its decay is scaled by the lr), so every parameter must still be the
+    # checkpoint's; BatchNorm statistics are re-measured at the new size, as fine-tuning there would.
+    again = train_model(tiny_config(tmp_path, name="again", epochs=1, lr=0.0, image_size=48,
+                                    width_mult=None, initial_checkpoint=first["best"]))
+    before, _ = load_checkpoint(first["best"])
+    after, meta = load_checkpoint(again["best"])
+    assert meta["spec"]["crop"] == 48 and meta["model_kwargs"] == {"dropout": 0.0, "width_mult": 0.25}
+    for (name, a), b in zip(before.named_parameters(), after.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    moved = [n for (n, a), b in zip(before.named_buffers(), after.buffers()) if "running_mean" in n and not torch.equal(a, b)]
+    assert moved, "BatchNorm statistics should follow the new size's data"
+
+
+def test_initial_checkpoint_of_another_architecture_or_classes_is_a_clear_error(tmp_path):
+    from models.checkpoint import CheckpointError
+
+    first = train_model(tiny_config(tmp_path, name="first", epochs=1))
+    with pytest.raises(CheckpointError, match="expected 'resnet26'"):
+        train_model(tiny_config(tmp_path, arch="resnet26", name="other", epochs=1, initial_checkpoint=first["best"]))
+    folder = tmp_path / "two_classes"
+    for index, cls in enumerate(("a", "b")):
+        (folder / cls).mkdir(parents=True)
+        for i in range(4):
+            from PIL import Image
+            Image.new("RGB", (40, 40), (60 * index, 9 * i, 0)).save(folder / cls / f"{i}.jpg")
+    with pytest.raises(ValueError, match="other classes"):
+        train_model(tiny_config(tmp_path, quick_data=False, data=str(folder), name="classes", epochs=1,
+                                initial_checkpoint=first["best"]))
+
+
+def test_progressive_resizing_trains_each_epoch_at_its_size(tmp_path):
+    summary = train_model(tiny_config(tmp_path, epochs=3, image_size=48, resize=80, progressive_from=32))
+    _, meta = load_checkpoint(summary["last"])
+    assert [row["crop"] for row in meta["record"]["history"]] == [32, 40, 48]
+    assert meta["spec"]["crop"] == 48 and meta["spec"]["resize"] == 80  # the test geometry is the final one
+
+
 def test_torchrun_two_cpu_processes(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "cli.py", "train", "resnet18", "--quick-data", "--epochs", "1", "--width-mult", "0.25",

@@ -30,7 +30,7 @@ from data.folder import scan_folder
 from data.split import load_split, make_split, save_split
 from data import synth
 from models import create_model, default_spec, list_models
-from models.checkpoint import save_checkpoint
+from models.checkpoint import load_checkpoint, save_checkpoint
 from train.ema import WeightEMA
 from train.history import plot_curves, write_csv
 from train.optim import make_optimizer, warmup_cosine
@@ -67,6 +67,7 @@ class TrainConfig:
     name: Optional[str] = None
     resume: bool = False
     weights: Optional[str] = None       # xception_pretrained's ImageNet weights file
+    initial_checkpoint: Optional[str] = None  # a trained checkpoint (same arch, classes) to start from
     width_mult: Optional[float] = None  # None: the architecture's own width (xception_pretrained has only that)
     progress: bool = True
 
@@ -91,11 +92,14 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     spec = _resolve_spec(config)
     config = apply_recipe(config, spec.crop)
     torch.manual_seed(config.seed)
-    model_kwargs = {"dropout": config.dropout}
-    if config.width_mult is not None:
-        model_kwargs["width_mult"] = config.width_mult
-    build_kwargs = dict(model_kwargs, weights=config.weights) if config.weights else model_kwargs
-    model = create_model(config.arch, num_classes=len(split.classes), **build_kwargs)
+    if config.initial_checkpoint:
+        model, model_kwargs = _initial_model(config, split.classes)
+    else:
+        model_kwargs = {"dropout": config.dropout}
+        if config.width_mult is not None:
+            model_kwargs["width_mult"] = config.width_mult
+        build_kwargs = dict(model_kwargs, weights=config.weights) if config.weights else model_kwargs
+        model = create_model(config.arch, num_classes=len(split.classes), **build_kwargs)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -176,6 +180,22 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     return summary
 
 
+def _initial_model(config: TrainConfig, classes: list[str]) -> tuple[nn.Module, dict]:
+    """The model of --initial-checkpoint, in training mode, and its model_kwargs: a run that goes on from
+    trained weights with its own recipe, size and data (e.g. fine-tuning at the test size, FixRes)."""
+    if config.weights:
+        raise InputError("--initial-checkpoint and --weights both name the starting weights: pass one")
+    model, meta = load_checkpoint(config.initial_checkpoint, expect_arch=config.arch)
+    kwargs = meta["model_kwargs"]
+    if config.width_mult is not None and kwargs.get("width_mult", 1.0) != config.width_mult:
+        raise InputError(f"{config.initial_checkpoint} has width_mult {kwargs.get('width_mult', 1.0)}, "
+                         f"not --width-mult {config.width_mult}")
+    if list(meta["classes"]) != list(classes):
+        raise InputError(f"{config.initial_checkpoint} was trained on {len(meta['classes'])} other classes "
+                         f"({', '.join(meta['classes'][:3])}, ...) than this data's {len(classes)}")
+    return model.train(), dict(kwargs)
+
+
 def _resolve_spec(config: TrainConfig):
     """The architecture's preprocessing (models.default_spec), at --image-size (else the embedded set's
     crop side when training on it), --resize and --norm when given."""
@@ -195,9 +215,10 @@ def epoch_crop_sizes(epochs: int, final: int, start: Optional[int]) -> list[int]
 
 
 def _with_crop(spec: PreprocessSpec, crop: int) -> PreprocessSpec:
+    """An earlier epoch's spec under progressive resizing: ``crop``, with the final resize/crop ratio."""
     if crop == spec.crop:
         return spec
-    return dataclasses.replace(spec, crop=crop, resize=spec_for_crop(crop).resize)
+    return dataclasses.replace(spec, crop=crop, resize=round(crop * spec.resize / spec.crop))
 
 
 def _train_set_factory(config: TrainConfig, split, root: str) -> Callable:
