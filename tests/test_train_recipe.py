@@ -13,7 +13,7 @@ from data import synth
 from train import TrainConfig
 from train.ema import WeightEMA
 from train.loop import epoch_crop_sizes
-from train.recipe import FROM_SCRATCH, HEAD_FINETUNE, apply_recipe
+from train.recipe import FROM_SCRATCH, HEAD_FINETUNE, XCEPTION_FROM_SCRATCH, apply_recipe
 
 
 def test_unset_options_follow_the_recipe_and_set_ones_win():
@@ -31,9 +31,19 @@ def test_unset_options_follow_the_recipe_and_set_ones_win():
     assert (chosen.epochs, chosen.lr, chosen.optimizer, chosen.synth_stream, chosen.label_smoothing) == (
         2, 0.1, "sgd", 0, 0.0)
     assert chosen.weight_decay == 5e-4  # SGD's own decay, not AdamW's
+    xception = apply_recipe(TrainConfig(arch="xception_medium"), final_crop=64)
+    assert xception.lr == XCEPTION_FROM_SCRATCH.lr_per_32 < FROM_SCRATCH.lr_per_32  # measured: docs/RECIPES.md
+    assert xception.epochs == embedded.epochs and xception.synth_stream == embedded.synth_stream
     head = apply_recipe(TrainConfig(arch="xception_pretrained", data="/data/caltech"), final_crop=299)
     assert (head.epochs, head.lr, head.progressive_from, head.synth_stream) == (
         HEAD_FINETUNE.epochs, HEAD_FINETUNE.lr_per_32, 0, 0)
+
+
+def test_progressive_resizing_starts_at_two_thirds_never_below_64():
+    assert apply_recipe(TrainConfig(arch="resnet26"), final_crop=96).progressive_from == 64
+    assert apply_recipe(TrainConfig(arch="resnet26", data="/caltech"), final_crop=224).progressive_from == 152
+    assert apply_recipe(TrainConfig(arch="resnet26"), final_crop=64).progressive_from == 0
+    assert apply_recipe(TrainConfig(arch="resnet26", progressive_from=0), final_crop=224).progressive_from == 0
 
 
 def test_progressive_sizes_grow_to_the_test_crop():
