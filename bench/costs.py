@@ -13,7 +13,7 @@ from data.crops import TEN, crop_mode
 from data.spec import PreprocessSpec
 from models.checkpoint import load_checkpoint
 from models.complexity import model_flops
-from models.dense import dense_flops
+from models.dense import DEFAULT_CENTRE, dense_flops
 
 
 class Costs:
@@ -23,7 +23,7 @@ class Costs:
         self.device = device
         self.progress = progress
         self.peaks: dict[str, dict] = {}
-        self._flops: dict[tuple, int] = {}  # (checkpoint, cuts crops) -> FLOPs per crop / per dense image
+        self._flops: dict[tuple, int] = {}  # (checkpoint, cuts crops, centre) -> FLOPs per crop / per dense image
 
     def row_fields(self, target: BenchTarget, precision: str, images_per_s: float, crops=TEN.name) -> dict:
         per_image = self.flops_per_image(target, crops)
@@ -43,13 +43,17 @@ class Costs:
         if not target.sources or target.missing_sources:
             return None
         mode = crop_mode(crops)
+        # A dense export says how it handles the centre crop (its own pass costs two crop passes more);
+        # PyTorch's dense rows use the default.
+        centre = (target.manifest or {}).get("dense_centre") or DEFAULT_CENTRE
         total = 0
         for source in target.sources:
-            key = (source, mode.cuts_crops)
+            key = (source, mode.cuts_crops, centre)
             if key not in self._flops:
                 network, meta = load_checkpoint(source)
                 spec = PreprocessSpec.from_dict(meta["spec"])
-                self._flops[key] = model_flops(network, spec.crop) if mode.cuts_crops else dense_flops(network, spec)
+                self._flops[key] = (model_flops(network, spec.crop) if mode.cuts_crops
+                                    else dense_flops(network, spec, centre))
             total += self._flops[key] * (mode.count if mode.cuts_crops else 1)
         return total
 

@@ -257,3 +257,21 @@ def test_errors_gallery_in_dense_mode_scores_the_dense_maps_in_the_pointing_game
     pointing = report["pointing_game"]
     assert set(pointing) == {"explained", "1_crop", "10_crops", "dense"}
     assert pointing["dense"]["images"] == pointing["10_crops"]["images"] == report["images"]["n_images"]
+
+
+def test_bench_counts_the_flops_of_the_exports_own_centre_handling(dense_run):
+    """An interpolated-centre export runs the trunk twice (image and mirror) and nothing more: its
+    %peak must not be computed with the centre pass's FLOPs (it read 131 % of the fp32 peak before)."""
+    from bench.costs import Costs
+    from bench.targets import BenchTarget
+    from models.complexity import model_flops
+
+    model, _ = load_checkpoint(dense_run["checkpoint"])
+    costs = Costs("cpu", progress=False)
+    source = (dense_run["checkpoint"],)
+    flops = {centre: costs.flops_per_image(BenchTarget("m", "/x", "single", source, manifest={"dense_centre": centre}),
+                                           "dense")
+             for centre in ("pass", "interpolate", "drop")}
+    assert flops["interpolate"] == flops["drop"] == 2 * model_flops(model, 96)
+    assert flops["pass"] == 2 * model_flops(model, 96) + 2 * model_flops(model, 64)
+    assert costs.flops_per_image(BenchTarget("m", "/x", "checkpoint", source), "dense") == flops["pass"]
