@@ -32,8 +32,9 @@ at 256/224: 4.61 vs 2.61 (exact: 10); ResNet26 eager fp32 CPU batch 8: 1.73x vs 
 exact ten crops. That weak model's own test-time variants disagree as much (exact one crop vs
 exact ten crops 68 %), so these figures rank the options; they are not dense's agreement on a
 well-trained model. Exported (export --ten-crop dense --dense-centre ...), ResNet26 at 256/224, int8
-in ONNX Runtime, batch 8 on this 2-core CPU: "pass" 16.4x, "interpolate" 26.8x PyTorch eager fp32
-exact ten crops (README, one bench run).
+in ONNX Runtime, batch 8 on this 2-core CPU: "pass" 19.6x, "interpolate" 32.3x PyTorch eager fp32
+exact ten crops, agreeing with them on 83.8 % / 78.8 % of the test images for a 30 % ResNet26
+(README, one bench run).
 """
 from __future__ import annotations
 
