@@ -44,8 +44,8 @@ class Costs:
             return None
         mode = crop_mode(crops)
         # A dense export says how it handles the centre crop (its own pass costs two crop passes more);
-        # PyTorch's dense rows use the default.
-        centre = (target.manifest or {}).get("dense_centre") or DEFAULT_CENTRE
+        # PyTorch's dense rows use the default. Modes that cut crops have no centre choice.
+        centre = None if mode.cuts_crops else (target.manifest or {}).get("dense_centre") or DEFAULT_CENTRE
         total = 0
         for source in target.sources:
             key = (source, mode.cuts_crops, centre)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from models.checkpoint import load_checkpoint
 from train import TrainConfig, train_model
@@ -88,7 +89,6 @@ def test_initial_checkpoint_of_another_architecture_or_classes_is_a_clear_error(
     for index, cls in enumerate(("a", "b")):
         (folder / cls).mkdir(parents=True)
         for i in range(4):
-            from PIL import Image
             Image.new("RGB", (40, 40), (60 * index, 9 * i, 0)).save(folder / cls / f"{i}.jpg")
     with pytest.raises(ValueError, match="other classes"):
         train_model(tiny_config(tmp_path, quick_data=False, data=str(folder), name="classes", epochs=1,

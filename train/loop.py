@@ -187,9 +187,9 @@ def _initial_model(config: TrainConfig, classes: list[str]) -> tuple[nn.Module, 
         raise InputError("--initial-checkpoint and --weights both name the starting weights: pass one")
     model, meta = load_checkpoint(config.initial_checkpoint, expect_arch=config.arch)
     kwargs = meta["model_kwargs"]
-    if config.width_mult is not None and kwargs.get("width_mult", 1.0) != config.width_mult:
-        raise InputError(f"{config.initial_checkpoint} has width_mult {kwargs.get('width_mult', 1.0)}, "
-                         f"not --width-mult {config.width_mult}")
+    width = kwargs.get("width_mult", 1.0)
+    if config.width_mult is not None and width != config.width_mult:
+        raise InputError(f"{config.initial_checkpoint} has width_mult {width}, not --width-mult {config.width_mult}")
     if list(meta["classes"]) != list(classes):
         raise InputError(f"{config.initial_checkpoint} was trained on {len(meta['classes'])} other classes "
                          f"({', '.join(meta['classes'][:3])}, ...) than this data's {len(classes)}")

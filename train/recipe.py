@@ -71,8 +71,10 @@ def apply_recipe(config, final_crop: int):
     filled["lr"] = own.lr_per_32 * filled["batch_size"] / 32 if config.lr is None else config.lr
     filled["weight_decay"] = own.weight_decay if config.weight_decay is None else config.weight_decay
     if config.progressive_from is None:
-        start = recipe.progressive_start and max(PROGRESSIVE_FLOOR, 8 * round(final_crop * recipe.progressive_start / 8))
-        filled["progressive_from"] = start if start and start < final_crop else 0
+        start = 0
+        if recipe.progressive_start:
+            start = max(PROGRESSIVE_FLOOR, 8 * round(final_crop * recipe.progressive_start / 8))
+        filled["progressive_from"] = start if start < final_crop else 0
     if config.synth_stream is None:  # the stream replaces the full embedded set's stored training images
         filled["synth_stream"] = recipe.stream_per_class if config.data is None and not config.quick_data else 0
     return dataclasses.replace(config, **filled)
