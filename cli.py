@@ -108,8 +108,8 @@ def data_check(path, verify, as_json):
 @click.option("--min-scale", type=float, help="resized-crop: smallest crop as a share of the image area (default: the recipe's).")
 @click.option("--ema", type=float, help="Validate and save a moving average of the weights with this decay; 0: off (default: the recipe's).")
 @click.option("--image-size", type=int, help="Crop side (test resize = crop·256/224). Default: the data set's.")
-@click.option("--progressive-from", type=int, help="Progressive resizing: first epoch's crop side, growing to --image-size by "
-              "the last; 0: off (default: the recipe's share of --image-size).")
+@click.option("--progressive-from", type=int, help="Progressive resizing: train at this crop side, and at --image-size for the "
+              "last fifth of the epochs; 0: off (default: the recipe's share of --image-size).")
 @click.option("--synth-stream", type=int, help="Embedded set: fresh images per class per epoch instead of the stored "
               "training split; 0: the stored split (default: the recipe's).")
 @click.option("--resize", type=int, help="Resize side before cropping, in training and testing (default crop·256/224; "

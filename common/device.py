@@ -36,6 +36,25 @@ def default_workers() -> int:
     return min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
 
 
+def side_by_side_threads(jobs: int, device: str = "auto") -> int:
+    """Threads for each of ``jobs`` independent trainings run at once, one process each with no loader
+    workers; 0: run them one after the other (a GPU, or fewer cores than jobs).
+
+    Why: on 2 cores two single-thread ResNet26 trainings, each making its own images, train 1.29x as
+    many images per second together as one run with 2 threads and 2 loader workers (77.5 vs 60.2 img/s:
+    a thread that both decodes and computes never waits for its sibling, and small convolutions scale
+    sub-linearly with threads).
+    """
+    if jobs < 2 or (os.cpu_count() or 1) < jobs or resolve_device(device) != "cpu":
+        return 0
+    return cores_per_job(jobs)
+
+
+def cores_per_job(jobs: int) -> int:
+    """This machine's cores shared equally between ``jobs`` running at once (at least one each)."""
+    return max(1, (os.cpu_count() or 1) // max(jobs, 1))
+
+
 @contextlib.contextmanager
 def ieee_fp32():
     """IEEE fp32 for cuBLAS matmuls and cuDNN convolutions (TF32 off), the previous settings restored.

@@ -5,6 +5,8 @@ import shutil
 
 import pytest
 
+from common.device import side_by_side_threads
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -18,6 +20,8 @@ def test_demo_runs_every_stage_and_fills_the_report(demo_run):
     result, out = demo_run
     assert result["ok"]
     assert set(result["training"]) == {"resnet26", "xception_medium"}
+    if side_by_side_threads(2):  # a CPU with two cores or more: the two runs train at once
+        assert "train resnet26 and xception_medium side by side" in [s["step"] for s in result["steps"]]
     assert set(result["accuracy"]) == {"resnet26", "xception_medium", "ensemble"}
     for acc in result["accuracy"].values():
         assert acc["1_crop"]["images"] > 0 and acc["10_crops"]["images"] == acc["1_crop"]["images"]

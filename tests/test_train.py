@@ -64,6 +64,23 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert [r["val_top1"] for r in a["record"]["history"]] == [r["val_top1"] for r in b["record"]["history"]]
 
 
+def test_threads_are_taken_over_during_the_run(tmp_path):
+    """The side-by-side hand-over: before each step the run asks how many threads to use, and uses them."""
+    before = torch.get_num_threads()
+    seen = []  # the thread count in force each time the run asks
+
+    def threads():
+        seen.append(torch.get_num_threads())
+        return 1 if len(seen) <= 2 else 2  # a sibling "finishes" after two steps
+
+    try:
+        torch.set_num_threads(2)
+        train_model(tiny_config(tmp_path, epochs=1), threads=threads)
+        assert seen[:4] == [2, 1, 1, 2] and set(seen[4:]) == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_initial_checkpoint_starts_from_its_weights_at_a_new_size(tmp_path):
     first = train_model(tiny_config(tmp_path, name="first", epochs=1))
     # lr 0: AdamW moves nothing (its decay is scaled by the lr), so every parameter must still be the
@@ -98,7 +115,7 @@ def test_initial_checkpoint_of_another_architecture_or_classes_is_a_clear_error(
 def test_progressive_resizing_trains_each_epoch_at_its_size(tmp_path):
     summary = train_model(tiny_config(tmp_path, epochs=3, image_size=48, resize=80, progressive_from=32))
     _, meta = load_checkpoint(summary["last"])
-    assert [row["crop"] for row in meta["record"]["history"]] == [32, 40, 48]
+    assert [row["crop"] for row in meta["record"]["history"]] == [32, 32, 48]
     assert meta["spec"]["crop"] == 48 and meta["spec"]["resize"] == 80  # the test geometry is the final one
 
 

@@ -46,8 +46,10 @@ def test_progressive_resizing_starts_at_two_thirds_never_below_64():
     assert apply_recipe(TrainConfig(arch="resnet26", progressive_from=0), final_crop=224).progressive_from == 0
 
 
-def test_progressive_sizes_grow_to_the_test_crop():
-    assert epoch_crop_sizes(5, 112, 64) == [64, 80, 88, 96, 112]  # linear, multiples of 8, ends at the test crop
+def test_progressive_sizes_finish_at_the_test_crop_for_the_last_fifth():
+    assert epoch_crop_sizes(5, 112, 64) == [64, 64, 64, 64, 112]
+    assert epoch_crop_sizes(10, 224, 152) == [152] * 8 + [224] * 2
+    assert epoch_crop_sizes(2, 96, 64) == [64, 96]  # at least one epoch at the test crop
     assert epoch_crop_sizes(3, 64, None) == epoch_crop_sizes(3, 64, 0) == [64, 64, 64]
     with pytest.raises(ValueError, match="progressive"):
         epoch_crop_sizes(3, 64, 80)

@@ -34,7 +34,7 @@ from models.checkpoint import load_checkpoint, save_checkpoint
 from train.ema import WeightEMA
 from train.history import plot_curves, write_csv
 from train.optim import make_optimizer, warmup_cosine
-from train.recipe import apply_recipe, recipe_summary
+from train.recipe import PROGRESSIVE_FINAL_SHARE, apply_recipe, recipe_summary
 
 
 @dataclass
@@ -70,10 +70,16 @@ class TrainConfig:
     initial_checkpoint: Optional[str] = None  # a trained checkpoint (same arch, classes) to start from
     width_mult: Optional[float] = None  # None: the architecture's own width (xception_pretrained has only that)
     progress: bool = True
+    progress_row: int = 0               # terminal row of the progress bar: runs side by side each keep their own
 
 
-def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> dict:
-    """Train `config.arch`; write best.pt, last.pt, split.json, metrics.csv, curves.png, train.json."""
+def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+                threads: Optional[Callable[[], int]] = None) -> dict:
+    """Train `config.arch`; write best.pt, last.pt, split.json, metrics.csv, curves.png, train.json.
+
+    ``threads``, asked before every step: the intra-op threads to use from then on (runs side by side
+    take over the cores of a sibling that has finished).
+    """
     if config.arch not in list_models():
         raise InputError(f"unknown architecture {config.arch!r}; known: {', '.join(list_models())}")
     if config.arch == "xception_pretrained" and not config.weights and not config.resume:
@@ -134,7 +140,8 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
         loader = _epoch_loader(train_images(epoch, epoch_spec), config, epoch, workers, ddp, device)
         train_loss, train_top1 = _train_epoch(
             net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped, ema,
-            desc=f"{config.arch} epoch {epoch + 1}/{config.epochs}", show=rank0 and config.progress)
+            desc=f"{config.arch} epoch {epoch + 1}/{config.epochs}", show=rank0 and config.progress,
+            bar_row=config.progress_row, threads=threads)
         row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "crop": epoch_spec.crop,
                "train_loss": train_loss, "train_top1": train_top1}
         if rank0:
@@ -155,7 +162,7 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
             save_checkpoint(run_dir / "last.pt", evaluated, record=record, extra=state, **meta)
             write_csv(history, run_dir / "metrics.csv")
             plot_curves(history, run_dir / "curves.png", f"{config.arch} on {Path(root).name}")
-            _log(f"epoch {epoch + 1}: train loss {train_loss:.3f} top-1 {train_top1:.1f}% | "
+            _log(f"{config.arch} epoch {epoch + 1}: train loss {train_loss:.3f} top-1 {train_top1:.1f}% | "
                  f"val loss {row['val_loss']:.3f} top-1 {row['val_top1']:.1f}% top-5 {row['val_top5']:.1f}% "
                  f"({row['seconds']:.0f}s)")
             if on_epoch_end is not None:
@@ -204,14 +211,15 @@ def _resolve_spec(config: TrainConfig):
 
 
 def epoch_crop_sizes(epochs: int, final: int, start: Optional[int]) -> list[int]:
-    """Crop side of every epoch: progressive resizing grows it linearly from ``start`` (multiples of
-    8) and always ends at ``final``, the test-time crop; None or 0: ``final`` throughout."""
+    """Crop side of every epoch: progressive resizing trains at ``start`` and at ``final``, the test-time
+    crop, for the last PROGRESSIVE_FINAL_SHARE of the epochs (at least one: FixRes, the last epochs adapt
+    the network to the test size); None or 0: ``final`` throughout."""
     if not start or epochs < 2:
         return [final] * epochs
     if not 16 <= start <= final:
         raise InputError(f"progressive resizing must start between 16 px and the final crop ({final} px), got {start}")
-    ramp = [start + (final - start) * e / (epochs - 1) for e in range(epochs)]
-    return [min(final, 8 * round(size / 8)) for size in ramp[:-1]] + [final]
+    at_final = max(1, round(epochs * PROGRESSIVE_FINAL_SHARE))
+    return [start] * (epochs - at_final) + [final] * at_final
 
 
 def _with_crop(spec: PreprocessSpec, crop: int) -> PreprocessSpec:
@@ -265,14 +273,17 @@ def _epoch_loader(dataset, config: TrainConfig, epoch: int, workers: int, ddp: b
 
 
 def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped, ema,
-                 desc, show):
+                 desc, show, bar_row, threads):
     net.train()
     loss_sum, correct, seen = 0.0, 0, 0
-    bar = tqdm(loader, desc=desc, disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True, position=bar_row)
     for images, labels, _, bad in bar:
         skipped.update(bad)
         if images is None:
             continue
+        wanted = threads() if threads is not None else torch.get_num_threads()
+        if wanted != torch.get_num_threads():
+            torch.set_num_threads(wanted)
         images = images.to(device, non_blocking=True)
         if config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
