@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from common import atomic_write
+from gradcam.pointing import format_share
 
 
 def write_report(result: dict, out: Path) -> dict:
@@ -63,7 +64,9 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
             blocks.append(("p", f"{arch} pointing game (map of the true class peaks inside the object mask): "
                                 f"{100 * pointing['1_crop']['share']:.1f}% with 1 crop, "
                                 f"{100 * pointing['10_crops']['share']:.1f}% with 10 crops "
-                                f"({pointing['10_crops']['images']} test images)."))
+                                f"({pointing['10_crops']['images']} test images); with 10 crops, of the images the "
+                                f"model classifies correctly {format_share(pointing['by_prediction']['correct'])}, "
+                                f"of the misclassified {format_share(pointing['by_prediction']['misclassified'])}."))
         for kind, caption in (("correct", "correctly classified"), ("errors", "misclassified: maps of the true and the predicted class")):
             if g["galleries"].get(kind):
                 blocks.append(("img", g["galleries"][kind], f"{arch}: {caption}"))

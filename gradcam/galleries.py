@@ -61,6 +61,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     failures: list[dict] = []
     outcomes: list[Outcome] = []
     hits = {c: [] for c in settings}
+    hit_correct = []  # per entry of each hits list: did the ``crops``-crop model classify the image correctly
     for group, batch in image_groups(samples, spec, failures, progress, "grad-cam errors"):
         labels = torch.tensor([g.label for g in group])
         cams = {c: image_cams(model, batch, spec, c, [labels]) for c in settings}
@@ -73,6 +74,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
                 for c in settings:
                     x, y = peak(cams[c][0].maps[i:i + 1])[0]
                     hits[c].append(peak_in_mask(x, y, spec.resize, mask))
+                hit_correct.append(outcomes[-1].correct)
     if not outcomes:
         return {"ok": False, "error": f"none of the {len(samples)} test images could be read", "failures": failures}
 
@@ -89,8 +91,14 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     correct = sum(o.correct for o in outcomes)
     pointing = None
     if with_masks and hits[TEN.name]:
+        scored = list(zip(hits[chosen], hit_correct))
+        # The ``crops`` game split by that model's prediction: how much of the shortfall is on images it
+        # gets wrong anyway.
         pointing = {"explained": "true class", "1_crop": pointing_summary(hits[CENTRE.name]),
-                    "10_crops": pointing_summary(hits[TEN.name])}
+                    "10_crops": pointing_summary(hits[TEN.name]),
+                    "by_prediction": {"crops": chosen,
+                                      "correct": pointing_summary([hit for hit, right in scored if right]),
+                                      "misclassified": pointing_summary([hit for hit, right in scored if not right])}}
         if chosen == DENSE.name:  # the full-image maps of dense ten crops, scored the same way
             pointing["dense"] = pointing_summary(hits[DENSE.name])
     return {

@@ -44,3 +44,10 @@ def peak_in_mask(x: int, y: int, resized: int, mask: np.ndarray) -> bool:
 
 def pointing_summary(hits: list[bool]) -> dict:
     return {"images": len(hits), "hits": int(sum(hits)), "share": (sum(hits) / len(hits)) if hits else None}
+
+
+def format_share(summary: dict) -> str:
+    """'53.8% of 160' (hits among the images), or 'no images'."""
+    if not summary["images"]:
+        return "no images"
+    return f"{100 * summary['share']:.1f}% of {summary['images']}"

@@ -1,6 +1,8 @@
 """Human-readable renderings of Grad-CAM results (the CLI prints these without --json)."""
 from __future__ import annotations
 
+from gradcam.pointing import format_share
+
 
 def _error_line(r: dict) -> str | None:
     return f"error: {r['error']}" if "error" in r and "results" not in r and "artifacts" not in r else None
@@ -32,8 +34,10 @@ def render_errors(r: dict) -> str:
     pointing = r.get("pointing_game")
     if pointing:
         for key in [k for k in ("1_crop", "10_crops", "dense") if k in pointing]:
-            p = pointing[key]
-            lines.append(f"  pointing game, {key.replace('_', ' ')}: {100 * p['share']:.1f}% of {p['images']} maps peak inside the object")
+            lines.append(f"  pointing game, {key.replace('_', ' ')}: {format_share(pointing[key])} maps peak inside the object")
+        split = pointing["by_prediction"]
+        lines.append(f"  pointing game, {split['crops']} crop(s), split by that prediction: correctly classified "
+                     f"{format_share(split['correct'])}, misclassified {format_share(split['misclassified'])}")
     else:
         lines.append(f"  {r['pointing_game_note']}")
     return "\n".join(lines)

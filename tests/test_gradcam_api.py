@@ -136,6 +136,10 @@ def test_errors_gallery_with_pointing_game(run, tmp_path):
     game = result["pointing_game"]
     for key in ("1_crop", "10_crops"):
         assert game[key]["images"] == n and 0 <= game[key]["hits"] <= n
+    # The ten-crop game split by the ten-crop prediction: the two parts add up to the whole.
+    right, wrong = game["by_prediction"]["correct"], game["by_prediction"]["misclassified"]
+    assert (right["images"], wrong["images"]) == (n - result["misclassified"], result["misclassified"])
+    assert right["hits"] + wrong["hits"] == game["10_crops"]["hits"]
 
 
 def test_errors_gallery_without_masks(run, tmp_path):
