@@ -66,7 +66,11 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
                                 f"{100 * pointing['10_crops']['share']:.1f}% with 10 crops "
                                 f"({pointing['10_crops']['images']} test images); with 10 crops, of the images the "
                                 f"model classifies correctly {format_share(pointing['by_prediction']['correct'])}, "
-                                f"of the misclassified {format_share(pointing['by_prediction']['misclassified'])}."))
+                                f"of the misclassified {format_share(pointing['by_prediction']['misclassified'])}. "
+                                f"The ceiling, an ideal {pointing['ideal_map']['cells']}x{pointing['ideal_map']['cells']} "
+                                f"map (the object mask averaged over each last-map cell): "
+                                f"{100 * pointing['ideal_map']['1_crop']['share']:.1f}% with 1 crop, "
+                                f"{100 * pointing['ideal_map']['10_crops']['share']:.1f}% with 10."))
         for kind, caption in (("correct", "correctly classified"), ("errors", "misclassified: maps of the true and the predicted class")):
             if g["galleries"].get(kind):
                 blocks.append(("img", g["galleries"][kind], f"{arch}: {caption}"))

@@ -14,7 +14,7 @@ from data.spec import PreprocessSpec
 from data.synth import mask_path
 from gradcam.images import DEFAULT_OUT, INPUT_ERRORS, check_positive, held_out_samples, image_groups
 from gradcam.panels import GalleryRow, MapView, save_gallery
-from gradcam.pointing import load_mask, peak_in_mask, pointing_summary
+from gradcam.pointing import ideal_map_hit, load_mask, peak_in_mask, pointing_summary
 from gradcam.tencrop import image_cams, peak
 from models.checkpoint import load_checkpoint
 from runtime.predict import newest_checkpoint
@@ -61,6 +61,8 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     failures: list[dict] = []
     outcomes: list[Outcome] = []
     hits = {c: [] for c in settings}
+    cells = _last_map_side(model, spec)
+    ideal = {c: [] for c in (CENTRE.name, TEN.name)}  # the ceiling: ideal_map_hit
     hit_correct = []  # per entry of each hits list: did the ``crops``-crop model classify the image correctly
     for group, batch in image_groups(samples, spec, failures, progress, "grad-cam errors"):
         labels = torch.tensor([g.label for g in group])
@@ -75,6 +77,8 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
                     x, y = peak(cams[c][0].maps[i:i + 1])[0]
                     hits[c].append(peak_in_mask(x, y, spec.resize, mask))
                 hit_correct.append(outcomes[-1].correct)
+                for c in ideal:
+                    ideal[c].append(ideal_map_hit(mask, spec, c, cells))
     if not outcomes:
         return {"ok": False, "error": f"none of the {len(samples)} test images could be read", "failures": failures}
 
@@ -96,6 +100,8 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
         # gets wrong anyway.
         pointing = {"explained": "true class", "1_crop": pointing_summary(hits[CENTRE.name]),
                     "10_crops": pointing_summary(hits[TEN.name]),
+                    "ideal_map": {"cells": cells, "1_crop": pointing_summary(ideal[CENTRE.name]),
+                                  "10_crops": pointing_summary(ideal[TEN.name])},
                     "by_prediction": {"crops": chosen,
                                       "correct": pointing_summary([hit for hit, right in scored if right]),
                                       "misclassified": pointing_summary([hit for hit, right in scored if not right])}}
@@ -113,6 +119,12 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
         "pointing_game_note": None if pointing else "no object masks beside the test images (the embedded set has them)",
         "out": out,
     }
+
+
+def _last_map_side(model: nn.Module, spec: PreprocessSpec) -> int:
+    """The side of the maps Grad-CAM weighs (forward_features) for one crop."""
+    with torch.no_grad():
+        return int(model.forward_features(torch.zeros(1, 3, spec.crop, spec.crop)).shape[-1])
 
 
 def _gallery(model: nn.Module, outcomes: list[Outcome], spec: PreprocessSpec, crops: int, classes: list[str],

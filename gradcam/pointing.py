@@ -9,8 +9,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from data.crops import crop_mode
+from data.geometry import cut_boxes
+from data.spec import PreprocessSpec
 from data.synth import mask_path
 
 
@@ -51,3 +56,20 @@ def format_share(summary: dict) -> str:
     if not summary["images"]:
         return "no images"
     return f"{100 * summary['share']:.1f}% of {summary['images']}"
+
+
+def ideal_map_hit(mask: np.ndarray, spec: PreprocessSpec, crops, cells: int) -> bool:
+    """The pointing game's ceiling on one image for a network whose last maps are ``cells`` x ``cells``:
+    does the best such map - the object mask, resized like the image, averaged over each last-map cell
+    of each crop - peak inside the object, through the Grad-CAM maps' own upsampling, paste-back and peak?
+    """
+    from gradcam.core import upsample
+    from gradcam.tencrop import paste_back, peak
+
+    boxes = crop_mode(crops).boxes(spec)
+    resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((spec.resize, spec.resize), Image.BILINEAR)
+    frame = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)[None, None]
+    pieces = cut_boxes(frame, boxes)[0]  # [n, 1, crop, crop], mirrored where the crop is
+    cell_maps = F.adaptive_avg_pool2d(pieces, cells)[:, 0]
+    x, y = peak(paste_back(upsample(cell_maps, spec.crop)[None], boxes, spec.resize))[0]
+    return peak_in_mask(x, y, spec.resize, mask)

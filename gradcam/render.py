@@ -35,6 +35,9 @@ def render_errors(r: dict) -> str:
     if pointing:
         for key in [k for k in ("1_crop", "10_crops", "dense") if k in pointing]:
             lines.append(f"  pointing game, {key.replace('_', ' ')}: {format_share(pointing[key])} maps peak inside the object")
+        ideal, side = pointing["ideal_map"], pointing["ideal_map"]["cells"]
+        lines.append(f"  ceiling, an ideal {side}x{side} map (the object mask per last-map cell): "
+                     f"{format_share(ideal['1_crop'])} with 1 crop, {format_share(ideal['10_crops'])} with 10")
         split = pointing["by_prediction"]
         lines.append(f"  pointing game, {split['crops']} crop(s), split by that prediction: correctly classified "
                      f"{format_share(split['correct'])}, misclassified {format_share(split['misclassified'])}")

@@ -33,6 +33,7 @@ def test_demo_runs_every_stage_and_fills_the_report(demo_run):
     for heading in ("Accuracy", "Training curves", "Export parity", "Benchmark", "Grad-CAM", "Reproduce"):
         assert f"## {heading}" in markdown, heading
     assert "nan" not in markdown.lower().replace("nanoseconds", "")
+    assert markdown.count("pointing game") == 2 and markdown.count("The ceiling, an ideal") == 2  # one per model
     for arch in ("resnet26", "xception_medium", "ensemble"):
         assert re.search(rf"^\| {arch} \| [\d.]+M \| [\d.]+% ", markdown, re.M), arch
     assert (out / "demo.json").exists()

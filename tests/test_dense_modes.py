@@ -255,7 +255,7 @@ def test_errors_gallery_in_dense_mode_scores_the_dense_maps_in_the_pointing_game
     report = errors_gallery(dense_run["checkpoint"], crops="dense", limit=2, out=tmp_path / "gallery", progress=False)
     assert report["ok"] and report["crops"] == "dense"
     pointing = report["pointing_game"]
-    assert set(pointing) == {"explained", "1_crop", "10_crops", "dense", "by_prediction"}
+    assert set(pointing) == {"explained", "1_crop", "10_crops", "dense", "ideal_map", "by_prediction"}
     assert pointing["by_prediction"]["crops"] == "dense"
     split = pointing["by_prediction"]
     assert split["correct"]["hits"] + split["misclassified"]["hits"] == pointing["dense"]["hits"]

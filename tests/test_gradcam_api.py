@@ -140,6 +140,7 @@ def test_errors_gallery_with_pointing_game(run, tmp_path):
     right, wrong = game["by_prediction"]["correct"], game["by_prediction"]["misclassified"]
     assert (right["images"], wrong["images"]) == (n - result["misclassified"], result["misclassified"])
     assert right["hits"] + wrong["hits"] == game["10_crops"]["hits"]
+    assert game["ideal_map"]["cells"] >= 1 and game["ideal_map"]["10_crops"]["images"] == n  # the ceiling
 
 
 def test_errors_gallery_without_masks(run, tmp_path):
