@@ -17,6 +17,8 @@ from data.crops import crop_mode
 from data.geometry import cut_boxes
 from data.spec import PreprocessSpec
 from data.synth import mask_path
+from gradcam.core import upsample
+from gradcam.tencrop import paste_back, peak
 
 
 def to_original(x: int, y: int, resized: int, width: int, height: int) -> tuple[int, int]:
@@ -63,9 +65,6 @@ def ideal_map_hit(mask: np.ndarray, spec: PreprocessSpec, crops, cells: int) -> 
     does the best such map - the object mask, resized like the image, averaged over each last-map cell
     of each crop - peak inside the object, through the Grad-CAM maps' own upsampling, paste-back and peak?
     """
-    from gradcam.core import upsample
-    from gradcam.tencrop import paste_back, peak
-
     boxes = crop_mode(crops).boxes(spec)
     resized = Image.fromarray(mask.astype(np.uint8) * 255).resize((spec.resize, spec.resize), Image.BILINEAR)
     frame = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0)[None, None]
