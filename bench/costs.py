@@ -6,14 +6,14 @@ from typing import Optional
 
 import torch
 
-from bench.peak import peak_flops
-from bench.targets import BenchTarget
-from common.device import ieee_fp32
-from data.crops import TEN, crop_mode
-from data.spec import PreprocessSpec
-from models.checkpoint import load_checkpoint
-from models.complexity import model_flops
-from models.dense import DEFAULT_CENTRE, dense_flops
+from cnnbench.bench.peak import peak_flops
+from cnnbench.bench.targets import BenchTarget
+from cnnbench.common.device import ieee_fp32
+from cnnbench.data.crops import TEN, crop_mode
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.models.checkpoint import load_checkpoint
+from cnnbench.models.complexity import model_flops
+from cnnbench.models.dense import DEFAULT_CENTRE, dense_flops
 
 
 class Costs:

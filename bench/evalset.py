@@ -11,12 +11,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.errors import InputError
-from data.heldout import HeldOut, SplitFileMissing, SplitNotRecorded, held_out
-from data.images import ImageError, load_rgb
-from data.spec import PreprocessSpec
-from data.transforms import resize_uint8
-from models.checkpoint import recorded_split_files
+from cnnbench.common.errors import InputError
+from cnnbench.data.heldout import HeldOut, SplitFileMissing, SplitNotRecorded, held_out
+from cnnbench.data.images import ImageError, load_rgb
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.transforms import resize_uint8
+from cnnbench.models.checkpoint import recorded_split_files
 
 SYNTHETIC_IMAGES = 64  # timing-only stand-in when a model has no test split and no --data
 

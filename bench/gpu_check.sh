@@ -14,9 +14,11 @@
 #                    absent): GPU paths, GPU preprocessing bounds, backends, cuda_check -> tests.xml
 #   3. preprocess    nvJPEG decode and GPU resize against PIL, measured          -> summary.json
 #   4. train         ResNet26, one epoch on CUDA, fp16 AMP + channels_last, 224 px -> train.json
-#   5. export        fp32 + fp16 ONNX (TensorRT engines where TensorRT exists), parity gates -> export.json
-#   6. bench         batch 64 x 10 crops, compute mode: torch eager fp32, fp16 channels_last -> bench.json
-#   7. bench_compiled  the same for torch.compile and CUDA graphs (fp16 channels_last) -> bench_compiled.json
+#   5. dense         dense ten crops of that checkpoint on CUDA (file pipeline fp32 and fp16, dense
+#                    Grad-CAM) against the same on the CPU                        -> summary.json
+#   6. export        fp32 + fp16 ONNX (TensorRT engines where TensorRT exists), parity gates -> export.json
+#   7. bench         batch 64 x 10 crops, compute mode: torch eager fp32, fp16 channels_last -> bench.json
+#   8. bench_compiled  the same for torch.compile and CUDA graphs (fp16 channels_last) -> bench_compiled.json
 # $OUT receives at most 8 files: summary.json (every step: status, seconds, skip reason; the
 # preprocessing figures), the JSON files above, tests.xml, and logs.tar.gz with each step's log and
 # everything else. Without CUDA the
@@ -30,7 +32,9 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 STAGE="$WORK/out"   # everything is written here first; $OUT gets the chosen files and one archive
 mkdir -p "$STAGE/logs"
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}"
+# The project imports as `cnnbench`; without an install, a link named cnnbench to this folder makes it importable.
+mkdir -p "$WORK/pkg" && ln -s "$PWD" "$WORK/pkg/cnnbench"
+export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}"
 export CNNBENCH_CACHE="$WORK/cache"      # the embedded data set is generated here
 export PYTHONUNBUFFERED=1
 export OMP_WAIT_POLICY=PASSIVE
@@ -139,9 +143,9 @@ step preprocess 40 cuda $PY - "$STAGE/preprocess.json" <<'EOF'
 import io, json, sys
 import numpy as np, torch, torchvision.transforms.functional as TF
 from PIL import Image
-from data.spec import spec_for_crop
-from data.transforms import resize_uint8
-from runtime.pipeline import _torchvision_decode, nvjpeg_works, resize_on_device
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.transforms import resize_uint8
+from cnnbench.runtime.pipeline import _torchvision_decode, nvjpeg_works, resize_on_device
 
 spec = spec_for_crop(224)
 rng = np.random.default_rng(0)
@@ -175,21 +179,57 @@ try:
     import matplotlib  # noqa: F401
     curves = "drawn"
 except ImportError:
-    import train.loop
+    from cnnbench import train
+    import cnnbench.train.loop  # noqa: F401  (loads the submodule)
     train.loop.plot_curves = lambda *args, **kwargs: None  # the curves are a picture; the numbers are in train.json
     curves = "not drawn: matplotlib missing"
-from train import TrainConfig, train_model
+from cnnbench.train import TrainConfig, train_model
 # The full embedded set (its test split has >= 128 images: two full bench batches), 224-px crops.
-result = train_model(TrainConfig("resnet26", epochs=1, device="cuda", image_size=224, batch_size=64, amp=True,
+result = train_model(TrainConfig("resnet26", epochs=1, device="cuda", image_size=224, batch_size=64, precision="fp16",
                                  channels_last=True, out=sys.argv[1], name="resnet26", progress=False))
 result["curves"] = curves
 json.dump(result, open(sys.argv[2], "w"), indent=2, default=str)
 print(json.dumps(result, default=str)[:2000])
 EOF
 
+# Dense ten crops on the GPU (eval, predict, bench and gradcam wrap a model already on its device),
+# compared with the same checkpoint's dense ten crops on the CPU.
+step dense 60 cuda $PY - "$CHECKPOINT" "$STAGE/dense.json" <<'EOF'
+import json, sys
+import torch
+from cnnbench import runtime
+from cnnbench.data.split import load_split
+from cnnbench.gradcam.core import GradCAM
+from cnnbench.gradcam.dense import dense_image_cams
+
+checkpoint = sys.argv[1]
+cpu = runtime.load(checkpoint, backend="torch", device="cpu")
+paths = [s.path for s in load_split(cpu.record["split"]).test][:48]
+reference = runtime.run_files(cpu, paths, crops="dense", batch=16, workers=2)
+report = {"images": len(paths), "cpu_images_per_s": round(len(paths) / reference.seconds, 1), "rows": {}}
+for precision in ("fp32", "fp16"):
+    gpu = runtime.load(checkpoint, backend="torch", device="cuda", precision=precision)
+    runtime.run_files(gpu, paths[:16], crops="dense", batch=16, workers=0)  # warm-up
+    run = runtime.run_files(gpu, paths, crops="dense", batch=16, workers=2)
+    assert run.positions == reference.positions, "not every image ran on both devices"
+    report["rows"][precision] = {
+        "max_abs_diff": float((run.logits - reference.logits).abs().max()),
+        "top1_agreement": float((run.logits.argmax(1) == reference.logits.argmax(1)).float().mean() * 100),
+        "images_per_s": round(len(paths) / run.seconds, 1), "preprocess": run.preprocess}
+images = torch.randint(0, 256, (4, 3, cpu.spec.resize, cpu.spec.resize), dtype=torch.uint8)
+[on_gpu] = dense_image_cams(runtime.load(checkpoint, backend="torch", device="cuda").model, images, cpu.spec,
+                            [None], GradCAM)
+[on_cpu] = dense_image_cams(cpu.model, images, cpu.spec, [None], GradCAM)
+report["gradcam_max_abs_diff"] = float((on_gpu.maps - on_cpu.maps).abs().max())
+json.dump(report, open(sys.argv[2], "w"), indent=2)
+print(json.dumps(report, indent=2))
+fp32 = report["rows"]["fp32"]
+sys.exit(0 if fp32["max_abs_diff"] <= 1e-3 and fp32["top1_agreement"] == 100 else 1)
+EOF
+
 step export 90 cuda $PY - "$CHECKPOINT" "$WORK/export" "$STAGE/export.json" <<'EOF'
 import json, sys
-import export
+from cnnbench import export
 result = export.export_checkpoints([sys.argv[1]], fp16=True, out=sys.argv[2], tensorrt="auto", max_batch=64,
                                    progress=True)
 json.dump(result, open(sys.argv[3], "w"), indent=2, default=str)
@@ -202,7 +242,7 @@ EOF
 # eager rows first, then the compiled ones in their own step, so a slow compiler cannot cost the others.
 step bench 90 cuda $PY - "$CHECKPOINT" "$STAGE/bench.json" <<'EOF'
 import sys
-import bench
+from cnnbench import bench
 result = bench.run_bench([sys.argv[1]], batch=64, device="cuda", mode="compute", seconds=2, eval_images=128,
                          out=sys.argv[2], progress=True)
 print(bench.render_table(result))
@@ -211,7 +251,7 @@ EOF
 # torch.compile (default mode) and CUDA graphs (reduce-overhead), fp16 channels_last.
 step bench_compiled 170 cuda $PY - "$CHECKPOINT" "$STAGE/bench_compiled.json" <<'EOF'
 import sys
-import bench
+from cnnbench import bench
 result = bench.run_bench([sys.argv[1]], batch=64, device="cuda", mode="compute", precisions=["fp16"], compile=True,
                          seconds=2, eval_images=128, out=sys.argv[2], progress=True)
 print(bench.render_table(result))
@@ -236,9 +276,10 @@ if os.path.isfile(tests):
         "total": len(cases), "failed": [c.get("name") for c in cases if c.find("failure") is not None or c.find("error") is not None],
         "skipped": {c.get("name"): c.find("skipped").get("message", "") for c in cases if c.find("skipped") is not None}}
 summary["preprocess"] = load("preprocess.json")
+summary["dense"] = load("dense.json")
 train = load("train.json")
 if train:
-    summary["train"] = {k: train.get(k) for k in ("device", "amp", "seconds_this_run", "best_val_top1", "train_images", "test_images")}
+    summary["train"] = {k: train.get(k) for k in ("device", "precision", "seconds", "best_val_top1", "train_images", "test_images")}
 exported = load("export.json")
 if exported:
     summary["export"] = {"ok": exported["ok"], "tensorrt": exported["tensorrt"], "failures": exported["failures"],

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from common.errors import InputError, UserError
+from cnnbench.common.errors import InputError, UserError
 
 
 DEFAULT_SECONDS = 5.0

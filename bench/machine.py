@@ -1,7 +1,6 @@
 """What the numbers were measured on, and how much memory a row used at its peak."""
 from __future__ import annotations
 
-import importlib
 import os
 import platform
 import resource
@@ -9,35 +8,15 @@ import sys
 
 import torch
 
-from common.device import cpu_flags
-
-# CPU features that decide which precisions have fast matrix units.
-_NOTABLE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_fp16")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def library_version(module: str) -> str | None:
-    try:
-        return importlib.import_module(module).__version__
-    except Exception:  # noqa: BLE001 - an absent or broken optional library is simply not reported
-        return None
+from cnnbench.common.device import available_cores, cpu_flags
+from cnnbench.runtime.selection import MATRIX_FLAGS, cpu_model, library_version
 
 
 def machine_info(device: torch.device) -> dict:
     info = {
         "cpu": cpu_model(),
-        "cpu_cores": os.cpu_count(),
-        "cpu_features": [f for f in _NOTABLE_FLAGS if f in cpu_flags()],
+        "cpu_cores": available_cores(),  # the cores this process may use (affinity)
+        "cpu_features": [f for f in MATRIX_FLAGS if f in cpu_flags()],
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -45,6 +24,7 @@ def machine_info(device: torch.device) -> dict:
         "torchvision": library_version("torchvision"),
         "onnx": library_version("onnx"),
         "onnxruntime": library_version("onnxruntime"),
+        "openvino": library_version("openvino"),
         "tensorrt": library_version("tensorrt"),
         "device": str(device),
         "gpu": None,

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench.harness import Budget, Measurement, measure_batch, synchronizer
-from data.crops import TEN, crop_mode
-from data.images import ImageError, load_rgb
-from data.transforms import resize_uint8
-from runtime import Predictor, run_files
+from cnnbench.bench.harness import Budget, Measurement, measure_batch, synchronizer
+from cnnbench.data.crops import TEN, crop_mode
+from cnnbench.data.images import ImageError, load_rgb
+from cnnbench.data.transforms import resize_uint8
+from cnnbench.runtime import Predictor, run_files
 
 MAX_PIPELINE_BATCHES = 5000  # cap on the file list fed to the pipeline in --seconds mode
 

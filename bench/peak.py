@@ -4,7 +4,9 @@ Measured in the same run as the rows it divides, because a shared or throttled m
 is whatever it delivers now, not a datasheet figure. One library is not always the fastest on a
 CPU (MKL's fp32 GEMM trails OpenBLAS on AMD processors), so the CPU peak is the best of PyTorch,
 NumPy (fp32) and ONNX Runtime (fp32 MatMul; int8 MatMulInteger, uint8 x int8, the MLAS kernels
-behind its quantised convolutions), over two matrix sizes. A backend's convolutions can still beat
+behind its quantised convolutions) and OpenVINO (a MatMul compiled as the openvino backend compiles
+graphs: fp32 with the f32 hint, bf16 where the CPU has bf16 units, int8 from a QDQ MatMul: AMX where
+the CPU has it), over two matrix sizes. A backend's convolutions can still beat
 these GEMMs (ONNX Runtime's fp32 NCHWc convolutions did, by a few percent): the fraction is then
 reported above 100 % and flagged.
 """
@@ -15,8 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.harness import measure
-from common.device import cpu_flags
+from cnnbench.bench.harness import measure
+from cnnbench.common.device import cpu_flags
 
 _FLOAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SIDES = {"cpu": (1024, 2048), "cuda": (8192,)}
@@ -71,6 +73,7 @@ def _kernels(precision: str, side: int, device: torch.device) -> list[tuple[str,
         kernels = [("torch._int_mm", lambda: torch._int_mm(a, b))] if hasattr(torch, "_int_mm") else []
         if device.type == "cpu":
             kernels.append(("onnxruntime MatMulInteger", _ort_matmul("int8", side, generator)))
+            kernels += _openvino_matmul("int8", side, generator)
         return kernels
     a = torch.randn(side, side, generator=generator).to(device=device, dtype=_FLOAT_DTYPES[precision])
     b = torch.randn(side, side, generator=generator).to(device=device, dtype=_FLOAT_DTYPES[precision])
@@ -79,6 +82,8 @@ def _kernels(precision: str, side: int, device: torch.device) -> list[tuple[str,
         a_np, b_np = a.numpy(), b.numpy()
         kernels.append(("numpy.matmul", lambda: np.matmul(a_np, b_np)))
         kernels.append(("onnxruntime MatMul", _ort_matmul("fp32", side, generator)))
+    if device.type == "cpu":
+        kernels += _openvino_matmul(precision, side, generator)
     return kernels
 
 
@@ -102,3 +107,36 @@ def _ort_matmul(precision: str, side: int, generator: torch.Generator) -> Callab
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)  # any ONNX Runtime reads IR 8
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return lambda: session.run(None, feeds)
+
+
+def _openvino_matmul(precision: str, side: int, generator: torch.Generator) -> list[tuple[str, Callable[[], object]]]:
+    """[side, side] x a constant [side, side] in OpenVINO, compiled as runtime.openvino_backend compiles an
+    export's graphs (same precision hints, streams and threads); int8: the input quantised and the weights
+    int8 through QuantizeLinear/DequantizeLinear, as in the QDQ graphs. [] where OpenVINO does not run
+    this precision here (not installed; bf16 without bf16 units; fp16)."""
+    from cnnbench.runtime.openvino_backend import OPENVINO_PRECISIONS, OpenVinoGraph, openvino_precisions, openvino_problem
+
+    if openvino_problem("cpu") or precision not in openvino_precisions() or precision == "fp16":
+        return []
+    from onnx import TensorProto, helper, numpy_helper
+
+    a = torch.randn(side, side, generator=generator).numpy()
+    if precision == "int8":
+        weights = torch.randint(-128, 128, (side, side), dtype=torch.int8, generator=generator).numpy()
+        nodes = [helper.make_node("QuantizeLinear", ["a", "a_scale", "a_zero"], ["a_q"]),
+                 helper.make_node("DequantizeLinear", ["a_q", "a_scale", "a_zero"], ["a_dq"]),
+                 helper.make_node("DequantizeLinear", ["b", "b_scale", "b_zero"], ["b_dq"]),
+                 helper.make_node("MatMul", ["a_dq", "b_dq"], ["c"])]
+        constants = {"b": weights, "a_scale": np.array(0.02, np.float32), "a_zero": np.array(128, np.uint8),
+                     "b_scale": np.array(0.01, np.float32), "b_zero": np.array(0, np.int8)}
+    else:
+        nodes = [helper.make_node("MatMul", ["a", "b"], ["c"])]
+        constants = {"b": torch.randn(side, side, generator=generator).numpy()}
+    graph = helper.make_graph(
+        nodes, f"{precision}_matmul", [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["n", side])],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, ["n", side])],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    compiled = OpenVinoGraph(model.SerializeToString(), label=f"{precision} matmul", precision=precision)
+    hint = OPENVINO_PRECISIONS[precision][1] or "default"
+    return [(f"openvino MatMul ({hint})", lambda: compiled.run(a, ("c",)))]

@@ -6,8 +6,8 @@ import io
 import math
 import os
 
-from common import atomic_write, atomic_write_json, read_json
-from common.errors import InputError, MissingFileError
+from cnnbench.common import atomic_write, atomic_write_json, read_json
+from cnnbench.common.errors import InputError, MissingFileError
 
 SCHEMA_VERSION = 1
 
@@ -19,7 +19,7 @@ CSV_COLUMNS = (
     "images_per_s", "crops_per_s", "p50_ms", "p90_ms", "p99_ms", "mean_ms", "stddev_ms", "cv", "unstable",
     "iterations", "warmup", "host_peak_rss_mib", "cuda_max_allocated_mib", "flops_per_image",
     "achieved_flops_per_s", "peak_flops_per_s", "peak_precision", "peak_fraction", "eval_images", "top1", "top5",
-    "agreement_top1", "reference", "speedup", "stage_decode_ms", "stage_resize_ms", "stage_model_ms",
+    "agreement_top1", "reference", "gates_passed", "max_abs_diff", "mean_abs_diff", "gate_reference", "speedup", "stage_decode_ms", "stage_resize_ms", "stage_model_ms",
     "stage_input_wait_ms", "preprocess", "note", "source", "error",
 )
 
@@ -48,6 +48,7 @@ _TABLE = (
     ("RSS MiB", 7, lambda r: _num(r.get("host_peak_rss_mib"), 0)),
     ("top1", 5, lambda r: _num(r.get("top1"), 1)),
     ("agree10", 7, lambda r: _num(r.get("agreement_top1"), 1)),
+    ("gates", 5, lambda r: {True: "pass", False: "FAIL"}.get(r.get("gates_passed"), "-")),
     ("speedup", 7, lambda r: "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"),
 )
 
@@ -67,6 +68,7 @@ def render_table(result: dict) -> str:
         lines.append(" ".join(cells))
     lines += _stage_lines(result["rows"])
     lines += _peak_lines(result.get("peaks", {}))
+    lines += _choice_lines(result.get("backend_choices") or {})
     failed = [r for r in result["rows"] if r.get("error")]
     if failed:
         lines.append("failed:")
@@ -89,10 +91,12 @@ def _title(result: dict) -> str:
     device = m["gpu"] or m["cpu"]
     budget = f"{result['iters']} iters" if result.get("iters") else f"{result.get('seconds')} s"
     return (f"bench: batch {result['batch']} images x 10 crops on {result['device']} ({device}, "
-            f"{m['cpu_cores']} cores, torch {m['torch']}, onnxruntime {m['onnxruntime']}); "
+            f"{m['cpu_cores']} cores, torch {m['torch']}, onnxruntime {m['onnxruntime']}, "
+            f"openvino {m.get('openvino')}); "
             f"{budget} per row after {result['warmup']} warm-up; "
             f"accuracy on {result.get('eval_images_note', 'n/a')}; agree10: top-1 agreement with the exact "
-            "ten-crop fp32 reference (every row, dense and one-crop rows too)")
+            "ten-crop fp32 reference (every row, dense and one-crop rows too); gates: the row's precision's "
+            "parity gates against the fp32 reference of its own crop mode")
 
 
 def _stage_lines(rows: list[dict]) -> list[str]:
@@ -117,6 +121,15 @@ def _peak_lines(peaks: dict) -> list[str]:
         else:
             parts.append(f"{precision} {peak.get('note', 'n/a')}")
     return ["measured matmul peak: " + "; ".join(parts)] if parts else []
+
+
+def _choice_lines(choices: dict) -> list[str]:
+    """What `--backend auto` now picks on this machine for each export measured (runtime.selection)."""
+    lines = []
+    for target, record in choices.items():
+        picks = ", ".join(f"{p} {b}" for p, b in record.items() if p != "record") or "none verified"
+        lines.append(f"  {target}: {picks} ({record['record']})")
+    return (["--backend auto on this machine (fastest verified per precision):"] + lines) if lines else []
 
 
 def _num(value, digits: int) -> str:
@@ -181,7 +194,7 @@ def write_chart(path: str, result: dict) -> str:
     return path
 
 
-_BACKEND_COLOURS = {"torch": "tab:orange", "onnxruntime": "tab:blue", "tensorrt": "tab:green"}
+_BACKEND_COLOURS = {"torch": "tab:orange", "onnxruntime": "tab:blue", "openvino": "tab:purple", "tensorrt": "tab:green"}
 
 
 def _mode_short(row: dict) -> str:

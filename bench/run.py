@@ -14,20 +14,19 @@ from typing import Optional
 
 import torch
 
-import runtime
-from bench import report
-from bench.costs import Costs
-from bench.evalset import EvalSet
-from bench.harness import CV_WARN, DEFAULT_SECONDS, Budget, check_warmup, release_memory
-from bench.machine import PeakMemory, load_average, machine_info
-from bench.modes import cycled, eval_logits, host_preprocess_cost, measure_compute, measure_end_to_end
-from bench.scores import Scores
-from bench.summary import add_speedups, warnings, write_outputs
-from bench.targets import BenchTarget, RowPlan, find_targets, plan_rows
-from common.device import resolve_device
-from common.errors import InputError
-from data.crops import TEN, crop_mode
-from models.checkpoint import load_checkpoint
+from cnnbench import runtime
+from cnnbench.bench import report
+from cnnbench.bench.costs import Costs
+from cnnbench.bench.evalset import EvalSet
+from cnnbench.bench.harness import CV_WARN, DEFAULT_SECONDS, Budget, check_warmup, release_memory
+from cnnbench.bench.machine import PeakMemory, load_average, machine_info
+from cnnbench.bench.modes import cycled, eval_logits, host_preprocess_cost, measure_compute, measure_end_to_end
+from cnnbench.bench.scores import Scores
+from cnnbench.bench.summary import add_speedups, output_path, record_backend_choices, warnings, write_outputs
+from cnnbench.bench.targets import RowPlan, find_targets, load_row, plan_rows
+from cnnbench.common.device import resolve_device
+from cnnbench.common.errors import InputError
+from cnnbench.data.crops import TEN, crop_mode
 
 MODES = ("compute", "end-to-end", "both")
 CROPS = TEN.count
@@ -41,7 +40,7 @@ def run_bench(models: Optional[list[str]] = None, *, batch: int = 64, backends: 
               export_dir="runs/export", progress: bool = True, compile: bool = False,
               eval_images: Optional[int] = DEFAULT_EVAL_IMAGES, threads: Optional[int] = None,
               workers: Optional[int] = None, crops: Optional[list] = None) -> dict:
-    """Benchmark checkpoints (PyTorch) and exports (ONNX Runtime, TensorRT) on one device.
+    """Benchmark checkpoints (PyTorch) and exports (ONNX Runtime, OpenVINO, TensorRT) on one device.
 
     ``batch`` counts images, each ten crops. ``mode``: compute (pre-resized inputs on the device,
     model only), end-to-end (image files through runtime.run_files) or both. Timing: ``iters``
@@ -52,6 +51,9 @@ def run_bench(models: Optional[list[str]] = None, *, batch: int = 64, backends: 
     (the end-to-end pipeline's decoding processes) to runtime.run_files. ``crops``: the crop modes to
     measure ("10", "1", "dense"; bench.targets.plan_rows says the default). Every row's agreement is
     against the exact ten-crop PyTorch fp32 reference, whatever its own crop mode.
+    Every row with logits is checked against its precision's parity gates (bench.scores); on the CPU
+    each export's fastest verified backend per precision is recorded beside its manifest for
+    ``--backend auto`` (runtime.selection; ``backend_choices`` in the report).
     Writes ``out`` (default runs/bench/bench-<time>.json) plus .csv and .png beside it.
     Returns the report: rows, machine, measured peaks, skipped targets, warnings, comparison.
     """
@@ -93,6 +95,9 @@ def run_bench(models: Optional[list[str]] = None, *, batch: int = 64, backends: 
     }
     if old_report is not None:
         result["comparison"] = report.compare_rows(rows, old_report, os.fspath(compare))
+    out = output_path(out)
+    if resolved == "cpu":  # `--backend auto` on the CPU reads these records (runtime.selection)
+        result["backend_choices"] = record_backend_choices(measured, resolved, out, threads)
     write_outputs(result, out, session.log)
     return result
 
@@ -130,7 +135,7 @@ class _Session:
     def measure(self, plan: RowPlan, modes: list[str]) -> list[dict]:
         label = f"{plan.target.name} {plan.backend} {plan.precision} {plan.variant}"
         try:
-            predictor = self._load(plan)
+            predictor = load_row(plan, self.device, self.threads)
             evalset = self.scores.eval_set(plan.target)
         except Exception as exc:  # noqa: BLE001 - one target that cannot load must not sink the table
             self.log(f"{label}: cannot load: {exc}")
@@ -162,9 +167,10 @@ class _Session:
         logits = eval_logits(predictor, images, self.batch, plan.crops) if evalset.has_files else None
         if logits is not None and plan.target.kind == "checkpoint" and plan.is_baseline:
             self.scores.remember_baseline(plan.target, evalset, logits)
-        row = self._row(plan, "compute", stats=stats, memory=memory.result())
+        row = self._row(plan, "compute", stats=stats, memory=memory.result(), units=predictor.units_precision)
         row.update(self._split_calls_note(predictor, plan))
-        row.update(self.scores.score(plan.target, predictor, evalset, logits, positions=None))
+        row.update(self.scores.score(plan.target, predictor, evalset, logits, positions=None, crops=plan.crops,
+                                     precision=plan.precision))
         return row
 
     def _end_to_end_row(self, plan: RowPlan, predictor, evalset: EvalSet) -> dict:
@@ -178,12 +184,14 @@ class _Session:
                                         seconds=self.timing["seconds"], warmup=self.timing["warmup"],
                                         batch_estimate_s=estimate, workers=self.workers)
         scored = runtime.run_files(predictor, paths, crops=plan.crops, batch=self.batch, workers=self.workers)
-        row = self._row(plan, "end-to-end", stats=timing.summary(), memory=memory.result())
+        row = self._row(plan, "end-to-end", stats=timing.summary(), memory=memory.result(),
+                        units=predictor.units_precision)
         row.update(self._split_calls_note(predictor, plan))
         row.update(timing.extra)
         row.update(host_preprocess_cost(paths, predictor.spec, self.batch))
         row["preprocess"] = scored.preprocess
-        row.update(self.scores.score(plan.target, predictor, evalset, scored.logits.numpy(), positions=scored.positions))
+        row.update(self.scores.score(plan.target, predictor, evalset, scored.logits.numpy(), positions=scored.positions,
+                                     crops=plan.crops, precision=plan.precision))
         if scored.failures:
             row["failed_images"] = [{"path": paths[p], "error": reason} for p, reason in scored.failures]
         return row
@@ -207,7 +215,8 @@ class _Session:
 
     # --- row assembly ------------------------------------------------------------------------------
     def _row(self, plan: RowPlan, mode: str, *, stats: Optional[dict] = None, memory: Optional[dict] = None,
-             error: Optional[str] = None) -> dict:
+             error: Optional[str] = None, units: Optional[str] = None) -> dict:
+        """One row; ``units``: the precision of the matrix units the predictor computes with (its %peak's)."""
         target = plan.target
         row = {
             "target": target.name, "kind": target.kind, "source": target.path, "backend": plan.backend,
@@ -227,29 +236,8 @@ class _Session:
             "unstable": bool(stats["cv"] > CV_WARN),
             **(memory or {}),
         })
-        row.update(self.costs.row_fields(target, plan.precision, images_per_s, plan.crops))
+        row.update(self.costs.row_fields(target, units or plan.precision, images_per_s, plan.crops))
         return row
-
-    def _load(self, plan: RowPlan):
-        target = plan.target
-        if target.kind == "checkpoint":
-            return runtime.load(target.path, backend="torch", device=self.device, precision=plan.precision,
-                                channels_last=plan.channels_last, compile=plan.compile, threads=self.threads)
-        if plan.backend == "torch":
-            return _torch_ensemble(target, self.device)
-        return runtime.load(target.path, backend=plan.backend, device=self.device, precision=plan.precision,
-                            threads=self.threads)
-
-
-def _torch_ensemble(target: BenchTarget, device: str):
-    """The PyTorch fp32 logit-sum of an ensemble export's member checkpoints, as a runtime Predictor."""
-    from models.ensemble import Ensemble
-    from runtime.torch_backend import TorchPredictor
-
-    members = [load_checkpoint(source)[0] for source in target.sources]
-    manifest = target.manifest
-    meta = {"arch": "ensemble", "spec": manifest["spec"], "classes": manifest["classes"], "record": {}}
-    return TorchPredictor(Ensemble(members).eval(), meta, source=target.path, device=device, precision="fp32")
 
 
 def _fmt(value) -> str:

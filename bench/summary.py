@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional
 
-from bench import report
-from bench.harness import CV_WARN
-from bench.targets import RowPlan
+from cnnbench.bench import report
+from cnnbench.bench.harness import CV_WARN
+from cnnbench.bench.targets import RowPlan
+from cnnbench.data.crops import TEN
+from cnnbench.export.manifest import graph_crops
+from cnnbench.runtime.backends import EXPORT_BACKENDS
+from cnnbench.runtime.selection import measurements, record_measurements
 
 
 def add_speedups(measured: list[tuple[RowPlan, dict]]) -> None:
@@ -21,13 +25,46 @@ def add_speedups(measured: list[tuple[RowPlan, dict]]) -> None:
         row["speedup_vs"] = (f"{baseline['target']} torch fp32 eager" if baseline is not None else None)
 
 
+def record_backend_choices(measured: list[tuple[RowPlan, dict]], device: str, bench_json: str,
+                           threads: Optional[int]) -> dict:
+    """Each measured export's rows merged into the record beside its manifest (runtime.selection, what
+    `--backend auto` reads): {target: {"record": path, precision: the fastest verified backend}}.
+
+    Only the rows of the crop mode a user of the export gets by default count: its graph's mode, or
+    the exact ten crops for a graph that takes crops."""
+    by_target: dict = {}
+    for plan, row in measured:
+        manifest = plan.target.manifest
+        if manifest is None or plan.backend not in EXPORT_BACKENDS:
+            continue
+        if row["crops"] == (graph_crops(manifest) or TEN.name):
+            by_target.setdefault(plan.target, []).append(row)
+    written = {}
+    for target, rows in by_target.items():
+        try:
+            path, choices = record_measurements(target.manifest, device,
+                                                measurements(rows, bench_json=bench_json, threads=threads))
+        except OSError as exc:  # a read-only export folder: the measurements still stand
+            path, choices = f"not written: {exc}", {}
+        written[target.name] = {"record": path, **choices}
+    return written
+
+
 def warnings(rows: list[dict], load_at_start: Optional[float]) -> list[str]:
     return (_busy_machine_warning(load_at_start) + _stability_warnings(rows) + _above_peak_warnings(rows)
+            + _gate_warnings(rows)
             + [f"{r['target']} {r['backend']} {r['precision']}: {r['note']}" for r in rows if r.get("note")])
 
 
+def _gate_warnings(rows: list[dict]) -> list[str]:
+    """Rows whose logits failed their precision's parity gates: fast, but not verified (never chosen by auto)."""
+    return [f"{r['target']} {r['backend']} {r['precision']} {r['variant']} {r['mode']}: parity gates failed against "
+            f"{r['gate_reference']}: " + "; ".join(r["gate_failures"] or ["?"])
+            for r in rows if r.get("gates_passed") is False]
+
+
 def _busy_machine_warning(load: Optional[float]) -> list[str]:
-    cores = os.cpu_count() or 1
+    cores = os.cpu_count() or 1  # the load average counts the whole host, so its cores, not our affinity
     if load is None or load < cores:
         return []
     return [f"the machine was busy when the bench started (1-minute load average {load:.1f} on {cores} cores): "
@@ -54,9 +91,14 @@ def _stability_warnings(rows: list[dict]) -> list[str]:
             "(a busy machine or too few iterations); rerun with more --seconds or --iters: " + "; ".join(noisy)]
 
 
+def output_path(out: Optional[str]) -> str:
+    """The bench JSON's path: ``out``, else runs/bench/bench-<time>.json."""
+    return os.fspath(out) if out else report.default_out_path()
+
+
 def write_outputs(result: dict, out: Optional[str], log: Callable[[str], None]) -> None:
     """JSON, CSV and PNG (all atomic); a chart that cannot be drawn is a warning, not a lost run."""
-    json_path = os.fspath(out) if out else report.default_out_path()
+    json_path = output_path(out)
     stem = json_path[:-5] if json_path.endswith(".json") else json_path
     result["json"], result["csv"], result["png"] = json_path, stem + ".csv", stem + ".png"
     report.write_csv(result["csv"], result["rows"])

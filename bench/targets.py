@@ -6,13 +6,13 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from common import sha256_file
-from common.errors import InputError, MissingFileError
-from data.crops import CROP_MODES, DENSE, TEN, crop_mode
+from cnnbench.common import sha256_file
+from cnnbench.common.errors import InputError, MissingFileError
+from cnnbench.data.crops import CROP_MODES, DENSE, TEN, crop_mode
+from cnnbench.runtime.backends import BACKENDS, EXPORT_BACKENDS, FORMAT_BACKENDS, backend_problem
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
-_ARTIFACT_BACKEND = {"onnx": "onnxruntime", "tensorrt": "tensorrt"}
+_VARIANTS = {"onnx": "onnx", "tensorrt": "plan"}  # a row's variant names the artifact format it runs
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class RowPlan:
     target: BenchTarget
     backend: str
     precision: str
-    variant: str                           # eager | channels_last | compiled | cuda-graphs | onnx | plan (+10crop, +dense)
+    variant: str                           # eager | channels_last | compiled | cuda-graphs | onnx (onnxruntime, openvino) | plan (+10crop, +dense)
     channels_last: bool = False
     compile: bool | str = False
     crops: str = TEN.name                  # the crop mode (data.crops): "10", "1" or "dense"
@@ -118,8 +118,7 @@ def checkpoint_target(path: str) -> BenchTarget:
 
 def export_target(folder: str) -> BenchTarget:
     """An export folder, its manifest verified (hashes) by export.load_manifest."""
-    import export
-
+    from cnnbench import export
     manifest = export.load_manifest(folder)
     sources, missing = [], []
     for entry in manifest["sources"]:
@@ -205,9 +204,9 @@ def _crops_suffix(crops: str) -> str:
 
 def _dense_problem(checkpoint: str) -> Optional[str]:
     """Why a checkpoint's geometry has no dense ten crops (models.dense's one-line error), or None."""
-    from data.spec import PreprocessSpec
-    from models.checkpoint import load_checkpoint
-    from models.dense import DenseGeometryError, dense_geometry
+    from cnnbench.data.spec import PreprocessSpec
+    from cnnbench.models.checkpoint import load_checkpoint
+    from cnnbench.models.dense import DenseGeometryError, dense_geometry
 
     network, meta = load_checkpoint(checkpoint)
     try:
@@ -218,7 +217,7 @@ def _dense_problem(checkpoint: str) -> Optional[str]:
 
 
 def _export_rows(model: BenchTarget, device: str, skipped: list[str], chosen: Optional[list[str]]) -> list[RowPlan]:
-    from export.manifest import graph_crops
+    from cnnbench.export.manifest import graph_crops
 
     inside = graph_crops(model.manifest)
     if inside is not None:  # the graph computes one crop mode
@@ -237,37 +236,59 @@ def _export_rows(model: BenchTarget, device: str, skipped: list[str], chosen: Op
 
 def _artifact_rows(model: BenchTarget, device: str, skipped: list[str], crops: str,
                    inside: Optional[str]) -> list[RowPlan]:
-    from models.dense import DEFAULT_CENTRE
+    from cnnbench.models.dense import DEFAULT_CENTRE
 
     suffix = "+10crop" if inside == TEN.name else _crops_suffix(crops)
     centre = model.manifest.get("dense_centre")
     if inside == DENSE.name and centre and centre != DEFAULT_CENTRE:  # the centre crop's handling tells rows apart
         suffix += f"-{centre}"
     rows = []
-    for artifact in model.manifest["artifacts"]:
-        backend = _ARTIFACT_BACKEND.get(artifact["format"])
-        if backend is None:
-            skipped.append(f"{model.name}: unknown artifact format {artifact['format']!r} ({artifact['file']})")
-            continue
-        problem = backend_problem(backend, device)
-        if problem:
-            skipped.append(f"{model.name} {backend} {artifact['precision']}: {problem}")
-            continue
-        variant = ("onnx" if backend == "onnxruntime" else "plan") + suffix
-        rows.append(RowPlan(model, backend, artifact["precision"], variant, crops=crops))
+    for backend in EXPORT_BACKENDS:
+        for artifact in model.manifest["artifacts"]:
+            if backend not in FORMAT_BACKENDS.get(artifact["format"], ()):
+                continue
+            problem = backend_problem(backend, device)
+            if problem:
+                skipped.append(f"{model.name} {backend} {artifact['precision']}: {problem}")
+                continue
+            variant = _VARIANTS[artifact["format"]] + suffix
+            rows += [RowPlan(model, backend, precision, variant, crops=crops)
+                     for precision in _artifact_precisions(backend, artifact["precision"])]
+    unknown = sorted({a["format"] for a in model.manifest["artifacts"]} - set(FORMAT_BACKENDS))
+    skipped += [f"{model.name}: unknown artifact format {f!r}" for f in unknown]
     return rows
 
 
-def backend_problem(backend: str, device: str) -> Optional[str]:
-    """Why ``backend`` cannot run on ``device`` here, or None."""
-    if backend == "tensorrt":
-        from runtime.trt_backend import tensorrt_problem
+def _artifact_precisions(backend: str, graph: str) -> list[str]:
+    """The precisions a backend runs from a graph of precision ``graph``: its own, and for OpenVINO on an
+    fp32 graph also bf16 where the CPU has bf16 units (runtime.openvino_backend.OPENVINO_PRECISIONS)."""
+    if backend != "openvino":
+        return [graph]
+    from cnnbench.runtime.openvino_backend import graph_precision, openvino_precisions
 
-        if not device.startswith("cuda"):
-            return "TensorRT runs on CUDA only"
-        return tensorrt_problem()
-    if backend == "onnxruntime" and device.startswith("cuda"):
-        from runtime.ort_backend import cuda_provider_problem
+    return [p for p in openvino_precisions() if graph_precision(p) == graph]
 
-        return cuda_provider_problem()
-    return None
+
+def load_row(plan: RowPlan, device: str, threads: Optional[int] = None):
+    """The runtime Predictor of a planned row (bench and mlperf load rows the same way)."""
+    from cnnbench import runtime
+
+    target = plan.target
+    if target.kind == "checkpoint":
+        return runtime.load(target.path, backend="torch", device=device, precision=plan.precision,
+                            channels_last=plan.channels_last, compile=plan.compile, threads=threads)
+    if plan.backend == "torch":
+        return torch_ensemble(target, device)
+    return runtime.load(target.path, backend=plan.backend, device=device, precision=plan.precision, threads=threads)
+
+
+def torch_ensemble(target: BenchTarget, device: str):
+    """The PyTorch fp32 logit-sum of an ensemble export's member checkpoints, as a runtime Predictor."""
+    from cnnbench.models.checkpoint import load_checkpoint
+    from cnnbench.models.ensemble import Ensemble
+    from cnnbench.runtime.torch_backend import TorchPredictor
+
+    members = [load_checkpoint(source)[0] for source in target.sources]
+    manifest = target.manifest
+    meta = {"arch": "ensemble", "spec": manifest["spec"], "classes": manifest["classes"], "record": {}}
+    return TorchPredictor(Ensemble(members).eval(), meta, source=target.path, device=device, precision="fp32")

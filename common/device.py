@@ -1,5 +1,6 @@
 """Device and precision, decided once: which device "auto" means, IEEE fp32 (no TF32) for reference
-math, the default number of decoding workers, and what this CPU/GPU can do fast."""
+math, the training precision, the cores this process may use, the default number of decoding
+workers, and what this CPU/GPU can do fast."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +9,7 @@ import os
 
 import torch
 
-from common.errors import InputError, UserError
+from cnnbench.common.errors import InputError, UserError
 
 MAX_DEFAULT_WORKERS = 4
 
@@ -31,9 +32,24 @@ def resolve_device(device: str = "auto") -> str:
     raise InputError(f"unknown device {device!r}; expected auto, cpu, cuda or cuda:N")
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (``taskset``, a container's cpuset) where the
+    OS reports one, not the host's count (a 16-CPU host pinned to 2 has 2)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
+def user_threads() -> int | None:
+    """The thread count the user chose with OMP_NUM_THREADS (a positive integer), else None: a share of
+    the cores computed here never overrides it."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def default_workers() -> int:
     """Decoding worker processes when none are asked for: one per core, at most MAX_DEFAULT_WORKERS."""
-    return min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
+    return min(MAX_DEFAULT_WORKERS, available_cores())
 
 
 def side_by_side_threads(jobs: int, device: str = "auto") -> int:
@@ -45,14 +61,15 @@ def side_by_side_threads(jobs: int, device: str = "auto") -> int:
     a thread that both decodes and computes never waits for its sibling, and small convolutions scale
     sub-linearly with threads).
     """
-    if jobs < 2 or (os.cpu_count() or 1) < jobs or resolve_device(device) != "cpu":
+    if jobs < 2 or available_cores() < jobs or resolve_device(device) != "cpu":
         return 0
     return cores_per_job(jobs)
 
 
 def cores_per_job(jobs: int) -> int:
-    """This machine's cores shared equally between ``jobs`` running at once (at least one each)."""
-    return max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    """The process's cores shared equally between ``jobs`` running at once (at least one each); the
+    user's OMP_NUM_THREADS instead, when set."""
+    return user_threads() or max(1, available_cores() // max(jobs, 1))
 
 
 @contextlib.contextmanager
@@ -97,8 +114,29 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype for training: fp16 on CUDA, bf16 on CPUs with bf16 units, else none."""
-    if device.type == "cuda":
-        return torch.float16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# Forces what "auto" means, for every training run of the process and its children (train, the demo's
+# trainers): CI runs the training tests once per value, whatever the CPU's flags.
+TRAIN_PRECISION_ENV = "CNNBENCH_TRAIN_PRECISION"
+FORCEABLE_PRECISIONS = ("fp32", "bf16")
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def training_precision(requested: str, device: torch.device) -> str:
+    """The precision a training run uses ("fp32", "bf16" or "fp16" autocast) for ``requested`` on ``device``.
+
+    "auto": CNNBENCH_TRAIN_PRECISION when set, else fp16 on CUDA, bf16 on CPUs with bf16 units, fp32
+    elsewhere. bf16 on a CPU without bf16 units is emulated (slower, but the same arithmetic); fp16
+    autocast on a CPU is refused (no fp16 units to gain from, and no loss scaling there).
+    """
+    if requested not in TRAIN_PRECISIONS:
+        raise InputError(f"unknown training precision {requested!r}; expected one of {', '.join(TRAIN_PRECISIONS)}")
+    precision = requested
+    if requested == "auto":
+        forced = os.environ.get(TRAIN_PRECISION_ENV, "").strip()
+        if forced and forced not in FORCEABLE_PRECISIONS:
+            raise InputError(f"{TRAIN_PRECISION_ENV}={forced!r}: expected one of {', '.join(FORCEABLE_PRECISIONS)}")
+        precision = forced or ("fp16" if device.type == "cuda" else "bf16" if cpu_has_fast_bf16() else "fp32")
+    if precision == "fp16" and device.type != "cuda":
+        raise InputError(f"fp16 training needs a CUDA GPU (this run is on {device}): use --precision bf16 or fp32")
+    return precision

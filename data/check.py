@@ -8,9 +8,9 @@ from collections import Counter
 
 from tqdm import tqdm
 
-from data.folder import scan_folder
-from data.images import ImageError, load_rgb_with_mode
-from data.synth import synthesize
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.images import ImageError, load_rgb_with_mode
+from cnnbench.data.synth import synthesize
 
 
 def check_folder(path, verify: bool = False) -> dict:

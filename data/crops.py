@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from common.errors import InputError
-from data.geometry import CropBox, center_crop_box, cut_boxes, ten_crop_boxes
-from data.spec import PreprocessSpec
-from data.transforms import normalize, resize_uint8
+from cnnbench.common.errors import InputError
+from cnnbench.data.geometry import CropBox, center_crop_box, cut_boxes, ten_crop_boxes
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.transforms import normalize, resize_uint8
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from data.folder import Sample
-from data.images import ImageError, load_rgb
+from cnnbench.data.folder import Sample
+from cnnbench.data.images import ImageError, load_rgb
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from common.errors import InputError, MissingFileError
+from cnnbench.common.errors import InputError, MissingFileError
 
 CALTECH_SUBDIR = "256_ObjectCategories"
 CLUTTER_CLASS = "257.clutter"

@@ -10,9 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from common.errors import InputError, MissingFileError
-from data.folder import Sample, scan_folder
-from data.split import Split, load_split, make_split, spread_evenly
+from cnnbench.common.errors import InputError, MissingFileError
+from cnnbench.data.folder import Sample, scan_folder
+from cnnbench.data.split import Split, load_split, make_split, spread_evenly
 
 DATA_HELP = ("Data folder: the test part of its seed-0 split is held out (int8 calibration uses its train part). "
              "Default: the split saved with the model's training run.")

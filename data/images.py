@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from common.errors import UserError
+from cnnbench.common.errors import UserError
 
 
 MAX_PIXELS = 64_000_000  # decompression-bomb guard: larger images are refused, never decoded

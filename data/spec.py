@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.errors import InputError
+from cnnbench.common.errors import InputError
 
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

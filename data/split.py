@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import atomic_write_json, read_json
-from common.errors import InputError, MissingFileError
-from data.folder import FolderIndex, Sample
+from cnnbench.common import atomic_write_json, read_json
+from cnnbench.common.errors import InputError, MissingFileError
+from cnnbench.data.folder import FolderIndex, Sample
 
 SPLIT_FORMAT = "cnnbench-split"
 SPLIT_VERSION = 1

@@ -20,8 +20,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from common.errors import ExistingFileError, InputError
-from data.folder import MASK_SUFFIX
+from cnnbench.common.errors import ExistingFileError, InputError
+from cnnbench.data.folder import MASK_SUFFIX
 
 SYNTH_VERSION = 1  # bump when the generator changes, so cached sets are regenerated
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring",

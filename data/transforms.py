@@ -9,8 +9,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torch import Tensor
 
-from common.errors import InputError
-from data.spec import PreprocessSpec
+from cnnbench.common.errors import InputError
+from cnnbench.data.spec import PreprocessSpec
 
 _MODES = {"bilinear": T.InterpolationMode.BILINEAR, "bicubic": T.InterpolationMode.BICUBIC}
 

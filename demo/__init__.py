@@ -1,4 +1,4 @@
 """The main job: the whole pipeline on the embedded data set, ending in one report."""
-from demo.pipeline import run_demo
+from cnnbench.demo.pipeline import run_demo
 
 __all__ = ["run_demo"]

@@ -1,20 +1,25 @@
 """`run_demo`: train → export (+ensemble) → evaluate (1 and 10 crops) → validate → bench → Grad-CAM → report.
 
 It calls the same public functions as the individual commands; nothing here re-implements a stage.
-A second run in the same folder reuses finished training runs and resumes interrupted ones.
+A second run in the same folder reuses finished training runs and resumes interrupted ones, when they
+were made with the same settings (else it stops, naming what differs); `--quick` has its own folder.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from common import atomic_write_json, read_json
+from cnnbench.common import atomic_write_json
+from cnnbench.common.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -47,12 +52,17 @@ QUICK = DemoSettings(epochs=(("resnet26", 3), ("xception_medium", 3)), width_mul
                      bench_eval_images=24, gallery_images=48, gallery_limit=4)
 
 
-def run_demo(out: str = "runs/demo", quick: bool = False, progress: bool = True) -> dict:
-    from data import synth
-    from demo.report import write_report
+def default_out(quick: bool) -> str:
+    """The demo's folder: --quick has its own, so `demo --quick` then `demo` never meet in one."""
+    return "runs/demo-quick" if quick else "runs/demo"
+
+
+def run_demo(out: Optional[str] = None, quick: bool = False, progress: bool = True) -> dict:
+    from cnnbench.data import synth
+    from cnnbench.demo.report import write_report
 
     settings = QUICK if quick else FULL
-    out = Path(out)
+    out = Path(out or default_out(quick))
     started = time.perf_counter()
     steps: list[dict] = []
     data_root = _step(steps, "data", "python cli.py data synth --out DIR" + ("" if not quick else " (quick set)"),
@@ -104,8 +114,8 @@ def _step(steps: list, name: str, command: str, work, progress: bool):
 
 def _train_all(steps: list, s: DemoSettings, quick: bool, out: Path, progress: bool) -> dict[str, dict]:
     """Every architecture's run: side by side on a CPU, one process per run with an equal share of the
-    cores (common.device.side_by_side_threads), else one after the other."""
-    from common.device import side_by_side_threads
+    process's cores (common.device.side_by_side_threads), else one after the other."""
+    from cnnbench.common.device import side_by_side_threads
 
     threads = side_by_side_threads(len(s.archs))
     if not threads:
@@ -117,35 +127,110 @@ def _train_all(steps: list, s: DemoSettings, quick: bool, out: Path, progress: b
                  lambda: _train_side_by_side(s, quick, out, progress), progress)
 
 
+class TrainerFailed(UserError):
+    """A side-by-side trainer that raised or died; the message names its architecture (a trainer's own
+    traceback, when it raised, is printed above it)."""
+
+
 def _train_side_by_side(s: DemoSettings, quick: bool, out: Path, progress: bool) -> dict[str, dict]:
+    """One child process per architecture; each result is taken as it arrives, so a trainer that fails is
+    reported at once, naming its architecture, and its siblings are stopped (their last.pt is resumable).
+    The children die with this process (``_die_with_parent``)."""
+    from multiprocessing.connection import wait
+
     # spawn, not fork: a forked child would inherit this process's OpenMP thread pool in an unusable state
     context = multiprocessing.get_context("spawn")
     running = context.Value("i", len(s.archs))
-    with ProcessPoolExecutor(len(s.archs), mp_context=context, initializer=_join_side_by_side,
-                             initargs=(running,)) as pool:
-        runs = {arch: pool.submit(_train_beside, arch, s, quick, out, progress, row) for row, arch in enumerate(s.archs)}
-        return {arch: run.result() for arch, run in runs.items()}
+    children, results = {}, {}
+    try:
+        for row, arch in enumerate(s.archs):
+            receiver, sender = context.Pipe(duplex=False)
+            child = context.Process(target=_train_beside, name=f"train {arch}", daemon=True,
+                                    args=(sender, os.getpid(), running, arch, s, quick, out, progress, row))
+            child.start()
+            sender.close()  # the child holds the only write end: its death closes the pipe
+            children[receiver] = (arch, child)
+        while len(results) < len(children):
+            for receiver in wait([r for r, (arch, _) in children.items() if arch not in results]):
+                arch, child = children[receiver]
+                results[arch] = _trainer_result(receiver, arch, child)
+        return {arch: results[arch] for arch in s.archs}
+    finally:
+        for receiver, (arch, child) in children.items():
+            if arch not in results:  # a sibling failed (or this process was interrupted): stop the rest
+                child.terminate()
+            child.join()
+            receiver.close()
+
+
+def _trainer_result(receiver, arch: str, child) -> dict:
+    """The summary a trainer sent, or its failure raised here as TrainerFailed naming the architecture."""
+    try:
+        outcome, payload = receiver.recv()
+    except EOFError:  # the pipe closed without a message: the child died (killed, out of memory, ...)
+        child.join()
+        code = child.exitcode
+        how = f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        raise TrainerFailed(f"the {arch} trainer died ({how}) before it finished") from None
+    if outcome == "ok":
+        return payload
+    if not payload["user_error"]:  # a bug: its traceback matters
+        print(payload["traceback"], file=sys.stderr, flush=True)
+    raise TrainerFailed(f"training {arch} failed: {payload['message']}")
 
 
 _running = None  # in a process of _train_side_by_side: the shared count of runs still training
 
 
-def _join_side_by_side(running) -> None:
+def _train_beside(sender, parent_pid: int, running, arch: str, s: DemoSettings, quick: bool, out: Path,
+                  progress: bool, row: int) -> None:
+    """One side-by-side run, in its own process: its share of the cores, growing as the others finish
+    (the last one ends on all of them), and its images made in its own thread (no loader workers to
+    compete for cores). Sends ("ok", summary) or ("error", what went wrong) to the parent."""
     global _running
+    from cnnbench.common.device import cores_per_job
+
+    _die_with_parent(parent_pid)
     _running = running
-
-
-def _train_beside(arch: str, s: DemoSettings, quick: bool, out: Path, progress: bool, row: int) -> dict:
-    """One of the side-by-side runs: its share of the cores, growing as the others finish (the last one
-    ends on all of them), and its images made in its own thread (no loader workers to compete for cores)."""
-    from common.device import cores_per_job
-
     try:
-        return _train(arch, s, quick, out, progress, threads=lambda: cores_per_job(_running.value), workers=0,
-                      progress_row=row)
+        summary = _train(arch, s, quick, out, progress, threads=lambda: cores_per_job(_running.value), workers=0,
+                         progress_row=row)
+        sender.send(("ok", summary))
+    except Exception as exc:  # reported by the parent, naming this run
+        sender.send(("error", {"message": f"{type(exc).__name__}: {exc}" if not isinstance(exc, UserError) else str(exc),
+                               "user_error": isinstance(exc, UserError), "traceback": traceback.format_exc()}))
     finally:
-        with _running.get_lock():
-            _running.value -= 1
+        with running.get_lock():
+            running.value -= 1
+        sender.close()
+
+
+# Linux prctl(2) option: the signal this process gets when the thread that forked it exits.
+_PR_SET_PDEATHSIG = 1
+_ORPHAN_POLL_SECONDS = 0.5
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this child process end when ``parent_pid`` does, SIGKILL included (a CI cancel, the OOM killer):
+    a trainer that outlived the demo would keep writing its run folder beside a rerun.
+
+    Linux: the kernel sends SIGKILL when the parent exits (PR_SET_PDEATHSIG). Everywhere, as the fallback:
+    a thread that exits the process once it is re-parented (its parent id changes).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl in this libc: the watchdog below still ends the process
+    if os.getppid() != parent_pid:  # the parent died before the request above was in place
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(_ORPHAN_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit with the demo", daemon=True).start()
 
 
 def _train_command(arch: str, s: DemoSettings, quick: bool, out: Path, threads: int = 0) -> str:
@@ -158,19 +243,21 @@ def _train_command(arch: str, s: DemoSettings, quick: bool, out: Path, threads: 
 
 def _train(arch: str, s: DemoSettings, quick: bool, out: Path, progress: bool, threads=None, workers=None,
            progress_row: int = 0) -> dict:
-    """One run, reused when finished and resumed when interrupted (``threads``: see train.train_model)."""
-    from train import TrainConfig, train_model
-    from train.recipe import recipe_for
+    """One run: a finished one is reused, an interrupted one resumed, either only when it was made with
+    these settings (train.loop.run_identity and the precision); otherwise a RunMismatchError that says
+    what differs and what to do. (``threads``: see train.train_model.)"""
+    from cnnbench.train import TrainConfig, train_model
+    from cnnbench.train.loop import RunMismatchError
 
     run_dir = out / "train" / arch
-    finished = run_dir / "train.json"
-    epochs = s.epochs_of(arch) or recipe_for(arch).epochs
-    if finished.exists() and read_json(finished).get("epochs") == epochs:
-        return read_json(finished)
-    config = TrainConfig(arch=arch, quick_data=quick, epochs=epochs, batch_size=s.batch_size,
+    config = TrainConfig(arch=arch, quick_data=quick, epochs=s.epochs_of(arch), batch_size=s.batch_size,
                          width_mult=s.width_mult, out=str(out / "train"), progress=progress,
                          resume=(run_dir / "last.pt").exists(), workers=workers, progress_row=progress_row)
-    return train_model(config, threads=threads)
+    try:
+        return train_model(config, threads=threads)
+    except RunMismatchError as exc:
+        raise RunMismatchError(exc.run_dir, exc.differences, f"this demo{' --quick' if quick else ''} cannot go on "
+                               f"with it: pass another --out, or delete {out}") from None
 
 
 def _shown(path: str) -> str:
@@ -184,26 +271,25 @@ def _accuracy_name(manifest: dict) -> str:
 
 
 def _evaluate_both(model_path: str, progress: bool) -> dict:
-    import runtime
-
+    from cnnbench import runtime
     return {f"{crops}_crop{'s' if crops > 1 else ''}": runtime.evaluate(model_path, crops=crops, progress=progress)
             for crops in (1, 10)}
 
 
 def _export(checkpoints: list[str], out: Path, progress: bool) -> dict:
-    from export import export_checkpoints
+    from cnnbench.export import export_checkpoints
 
     return export_checkpoints(checkpoints, fp16=True, cam_output=True, out=str(out / "export"), progress=progress)
 
 
 def _validate(export_dir: str, s: DemoSettings, progress: bool) -> dict:
-    from gradcam import validate_export
+    from cnnbench.gradcam import validate_export
 
     return validate_export(export_dir, limit=s.validate_images, progress=progress)
 
 
 def _bench(out: Path, s: DemoSettings, progress: bool) -> dict:
-    from bench import run_bench
+    from cnnbench.bench import run_bench
 
     return run_bench(batch=s.bench_batch, seconds=s.bench_seconds, train_dir=str(out / "train"),
                      precisions=_bench_precisions(),
@@ -214,14 +300,14 @@ def _bench(out: Path, s: DemoSettings, progress: bool) -> dict:
 def _bench_precisions() -> list[str]:
     """The exported precisions, and PyTorch's bf16 only where it is native: emulated (no bf16 units) it
     only shows a slowdown at 1.5x fp32's time, ~20 s of the demo (`cli.py bench` still measures it)."""
-    from common.device import cpu_has_fast_bf16, resolve_device
+    from cnnbench.common.device import cpu_has_fast_bf16, resolve_device
 
     native_bf16 = resolve_device("auto") != "cpu" or cpu_has_fast_bf16()
     return ["fp32", "fp16"] + (["bf16"] if native_bf16 else [])
 
 
 def _galleries(checkpoint: str, out: Path, s: DemoSettings, progress: bool) -> dict:
-    from gradcam import errors_gallery
+    from cnnbench.gradcam import errors_gallery
 
     return errors_gallery(checkpoint, limit=s.gallery_limit, crops=10, out=str(out), images=s.gallery_images,
                           progress=progress)

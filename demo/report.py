@@ -10,8 +10,8 @@ import html
 import os
 from pathlib import Path
 
-from common import atomic_write
-from gradcam.pointing import format_share
+from cnnbench.common import atomic_write
+from cnnbench.gradcam.pointing import format_share
 
 
 def write_report(result: dict, out: Path) -> dict:
@@ -23,8 +23,8 @@ def write_report(result: dict, out: Path) -> dict:
 
 
 def _blocks(r: dict, out: Path) -> list[tuple]:
-    from bench.report import render_table
-    from export import format_parity_table
+    from cnnbench.bench.report import render_table
+    from cnnbench.export import format_parity_table
 
     blocks: list[tuple] = [
         ("h1", "cnnbench demo report"),
@@ -40,8 +40,9 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
     ]
     for arch, t in r["training"].items():
         blocks.append(("img", os.path.join(t["run_dir"], "curves.png"),
-                       f"{arch}: {t['epochs']} epochs, best val top-1 {t['best_val_top1']:.1f}% (1 crop) at epoch "
-                       f"{t['best_epoch']}; {t['seconds_this_run']:.0f} s; recipe: {t.get('recipe', 'not recorded')}"))
+                       f"{arch}: {t['epochs']} epochs in {t['precision']}, best val top-1 {t['best_val_top1']:.1f}% "
+                       f"(1 crop) at epoch {t['best_epoch']}; {t['seconds']:.0f} s of training"
+                       f"{_parts_note(t['parts'])}; recipe: {t['recipe']}"))
     blocks += [("h2", "Export parity against the PyTorch fp32 reference"),
                ("pre", format_parity_table(r["export"]["exports"])),
                ("p", f"TensorRT: {r['export']['tensorrt']}")]
@@ -77,6 +78,14 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
     blocks += [("h2", "Reproduce"),
                ("table", ["step", "seconds", "command"], [[s["step"], f"{s['seconds']:.1f}", s["command"]] for s in r["steps"]])]
     return blocks
+
+
+def _parts_note(parts: list[dict]) -> str:
+    """A resumed run's parts, when it had several: where each trained and in which precision."""
+    if len(parts) < 2:
+        return ""
+    return " in " + ", ".join(f"epochs {p['epochs'][0]}-{p['epochs'][1]} on {p['device']} in {p['precision']}"
+                              for p in parts)
 
 
 def _accuracy_rows(r: dict) -> list[list[str]]:

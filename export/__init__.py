@@ -2,13 +2,13 @@
 
 See docs/ARCHITECTURE.md for the graph contract (input/output names, dtypes, shapes) and the manifest.
 """
-from export.errors import ExportError, ParityError
-from export.manifest import (artifact_path, load_cam_weights, load_manifest, verified_bytes)
-from export.onnx_export import export_onnx
-from export.ort import make_ort_session
-from export.parity import format_parity_table, run_parity
-from export.pipeline import export_checkpoints
-from export.tensorrt import TensorRTEngine, build_tensorrt_engine, profile_shapes, tensorrt_status
+from cnnbench.export.errors import ExportError, ParityError
+from cnnbench.export.manifest import (artifact_path, load_cam_weights, load_manifest, verified_bytes)
+from cnnbench.export.onnx_export import export_onnx
+from cnnbench.export.ort import make_ort_session
+from cnnbench.export.parity import format_parity_table, run_parity
+from cnnbench.export.pipeline import export_checkpoints
+from cnnbench.export.tensorrt import TensorRTEngine, build_tensorrt_engine, profile_shapes, tensorrt_status
 
 __all__ = [
     "ExportError", "ParityError", "export_checkpoints", "export_onnx", "load_manifest", "artifact_path",

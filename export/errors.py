@@ -1,7 +1,7 @@
 """Errors of the export stage."""
 from __future__ import annotations
 
-from common.errors import UserError
+from cnnbench.common.errors import UserError
 
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, helper, numpy_helper
 
-from export.errors import ExportError
+from cnnbench.export.errors import ExportError
 
 FP16_MAX = float(np.finfo(np.float16).max)
 WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from data.images import ImageError, load_rgb
-from data.spec import PreprocessSpec
-from data.crops import eval_transform
-from data.transforms import resize_uint8
-from export.errors import ExportError
+from cnnbench.data.images import ImageError, load_rgb
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.crops import eval_transform
+from cnnbench.data.transforms import resize_uint8
+from cnnbench.export.errors import ExportError
 
 
 def graph_inputs(samples, spec: PreprocessSpec, ten_crop_in_graph: bool, crops: int, purpose: str) -> tuple[Tensor, list]:

@@ -42,15 +42,15 @@ import onnx
 import torch
 from torch import Tensor
 
-from common import atomic_write
-from common.errors import UserError
-from data.heldout import FROM_RUN, held_out
-from data.spec import PreprocessSpec
-from export.errors import ExportError
-from export.fp16 import preprocessing_nodes
-from export.inputs import graph_inputs
-from export.onnx_export import check_graph
-from models.checkpoint import recorded_split_files
+from cnnbench.common import atomic_write
+from cnnbench.common.errors import UserError
+from cnnbench.data.heldout import FROM_RUN, held_out
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.export.errors import ExportError
+from cnnbench.export.fp16 import preprocessing_nodes
+from cnnbench.export.inputs import graph_inputs
+from cnnbench.export.onnx_export import check_graph
+from cnnbench.models.checkpoint import recorded_split_files
 
 CALIBRATION_IMAGES = 64
 CALIBRATION_CROPS = 32          # crops per calibration call (an in-graph ten-crop input is ten of them)

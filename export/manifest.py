@@ -14,9 +14,9 @@ import os
 import numpy as np
 from torch import nn
 
-from common import atomic_write, atomic_write_json, sha256_file
-from data.crops import TEN_CROP_PLACES
-from export.errors import ExportError
+from cnnbench.common import atomic_write, atomic_write_json, sha256_file
+from cnnbench.data.crops import TEN_CROP_PLACES
+from cnnbench.export.errors import ExportError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -36,14 +36,14 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from common import atomic_write
-from data.crops import TEN, TEN_CROP_PLACES
-from data.spec import PreprocessSpec
-from export.errors import ExportError
-from export.fp16 import convert_to_fp16
-from models.dense import DEFAULT_CENTRE, DenseTenCropModel
-from models.ensemble import Ensemble
-from models.tencrop import TenCropModel
+from cnnbench.common import atomic_write
+from cnnbench.data.crops import TEN, TEN_CROP_PLACES
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.export.errors import ExportError
+from cnnbench.export.fp16 import convert_to_fp16
+from cnnbench.models.dense import DEFAULT_CENTRE, DenseTenCropModel
+from cnnbench.models.ensemble import Ensemble
+from cnnbench.models.tencrop import TenCropModel
 
 EXPORTER = "torch.onnx.export(dynamo=False)"
 DEFAULT_OPSET = 17  # read by TensorRT 10+, ONNX Runtime >= 1.14 and the exporter of torch >= 2.6

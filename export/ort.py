@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from export.errors import ExportError
+from cnnbench.export.errors import ExportError
 
 _GRAPH_OPT = ("all", "extended", "basic", "disable")
 

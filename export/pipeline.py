@@ -17,26 +17,26 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from common import sha256_file
-from common.errors import UserError
-from data.heldout import SplitFileMissing, SplitNotRecorded, held_out
-from data.spec import PreprocessSpec
-from data.synth import default_data_root
-from export.errors import ExportError, ParityError
-from export.inputs import graph_inputs
-from export.int8 import CALIBRATION_IMAGES, calibration_inputs, calibration_samples, quantize_int8
-from export.manifest import (CAM_WEIGHTS_NAME, FORMAT_VERSION, file_entry, write_cam_weights, write_manifest)
-from export.onnx_export import EXPORTER, check_ten_crop, export_onnx, images_model
-from export.ort import logits_runner, make_ort_session
-from export.parity import (apply_gates, check_parity, compare_logits, exported_logits, reference_logits,
+from cnnbench.common import sha256_file
+from cnnbench.common.errors import UserError
+from cnnbench.data.heldout import SplitFileMissing, SplitNotRecorded, held_out
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.synth import default_data_root
+from cnnbench.export.errors import ExportError, ParityError
+from cnnbench.export.inputs import graph_inputs
+from cnnbench.export.int8 import CALIBRATION_IMAGES, calibration_inputs, calibration_samples, quantize_int8
+from cnnbench.export.manifest import (CAM_WEIGHTS_NAME, FORMAT_VERSION, file_entry, write_cam_weights, write_manifest)
+from cnnbench.export.onnx_export import EXPORTER, check_ten_crop, export_onnx, images_model
+from cnnbench.export.ort import logits_runner, make_ort_session
+from cnnbench.export.parity import (apply_gates, check_parity, compare_logits, exported_logits, reference_logits,
                            top1_agreement)
-from export.tensorrt import TensorRTEngine, build_tensorrt_engine, profile_shapes, resolve_mode
-from export.trt_support import check_tensorrt_support
-from models.checkpoint import CheckpointError, load_checkpoint, recorded_split_files
-from models.complexity import count_parameters
-from models.ensemble import Ensemble
-from models.dense import CENTRE_MODES, DEFAULT_CENTRE
-from models.tencrop import TenCropModel
+from cnnbench.export.tensorrt import TensorRTEngine, build_tensorrt_engine, profile_shapes, resolve_mode
+from cnnbench.export.trt_support import check_tensorrt_support
+from cnnbench.models.checkpoint import CheckpointError, load_checkpoint, recorded_split_files
+from cnnbench.models.complexity import count_parameters
+from cnnbench.models.ensemble import Ensemble
+from cnnbench.models.dense import CENTRE_MODES, DEFAULT_CENTRE
+from cnnbench.models.tencrop import TenCropModel
 
 ONNX_FILES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_int8.onnx"}
 PLAN_FILES = {"fp32": "model.plan", "fp16": "model_fp16.plan", "int8": "model_int8.plan"}

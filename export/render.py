@@ -1,7 +1,7 @@
 """Human-readable rendering of an export run (the CLI prints this without --json)."""
 from __future__ import annotations
 
-from export.parity import format_parity_table
+from cnnbench.export.parity import format_parity_table
 
 
 def render_export(result: dict) -> str:

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common import atomic_write
-from export.errors import ExportError
+from cnnbench.common import atomic_write
+from cnnbench.export.errors import ExportError
 
 WORKSPACE_BYTES = 4 << 30
 TENSORRT_MODES = ("auto", "on", "off")

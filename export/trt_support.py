@@ -19,7 +19,7 @@ import os
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from export.errors import ExportError
+from cnnbench.export.errors import ExportError
 
 OPSET_RANGE = (9, 20)
 _F = ("FP32", "FP16", "BF16")

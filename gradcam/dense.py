@@ -11,32 +11,37 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from common.device import ieee_fp32
-from data.spec import PreprocessSpec
-from gradcam.core import BaseCAM, CamResult
-from gradcam.tencrop import ImageCam
-from models.dense import DenseTenCropModel
+from cnnbench.common.device import ieee_fp32
+from cnnbench.common.errors import InputError
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.gradcam.core import BaseCAM, CamResult, tap_features
+from cnnbench.gradcam.tencrop import ImageCam
+from cnnbench.models.dense import DenseTenCropModel
 
 
-def dense_image_cams(model: nn.Module, images: Tensor, spec: PreprocessSpec, target_sets, method: type[BaseCAM]
-                     ) -> list[ImageCam]:
-    """``gradcam.tencrop.image_cams`` in dense mode: one trunk pass (image + mirror) for every target set.
+def dense_method_cams(model: nn.Module, images: Tensor, spec: PreprocessSpec, target_sets, cams: list[BaseCAM],
+                      with_graph: bool) -> list[list[ImageCam]]:
+    """``gradcam.tencrop.method_cams`` in dense mode: one trunk pass (image + mirror) for every method and
+    target set. targets None: the dense ten crops' prediction (argmax of the mean window logits).
 
-    targets None: the dense ten crops' prediction (argmax of the mean window logits).
+    Layer ``last`` only: the windows dense ten crops pool are cut from the map entering global pooling of
+    the full image; an earlier layer's full-image map has no windows (its cells feed several crops' last
+    maps through receptive fields that cross the crop borders), so there is no dense map to show there.
     """
-    cam = method(model)
-    dense = DenseTenCropModel(cam.model, spec, return_features=True).eval()
-    device = next(cam.model.parameters()).device
+    layer = cams[0].layer
+    if not layer.is_last:
+        raise InputError(f"dense maps exist at layer 'last' only (dense ten crops cut their windows from the map "
+                         f"entering global pooling), not {layer.describe()}; use --crops 10 or 1 for other layers")
+    dense = DenseTenCropModel(cams[0].model, spec, return_features=True).eval()
+    device = next(cams[0].model.parameters()).device
     with ieee_fp32(), torch.no_grad():
         logits, features = dense(images.to(device))
     members = features if isinstance(features, (list, tuple)) else [features]
     both = [f.flatten(0, 1) for f in members]  # [2B, C, h, w]: each image, then its mirror
-    results = []
-    for targets in target_sets:
-        chosen = dense_targets(targets, logits)
-        result = cam.explain(both, chosen.repeat_interleave(2))
-        results.append(image_and_mirror_to_image(result, spec, logits, chosen))
-    return results
+    tapped = tap_features(cams[0].model, layer, both, with_graph)
+    chosen_sets = [dense_targets(targets, logits) for targets in target_sets]
+    return [[image_and_mirror_to_image(cam.explain(tapped, chosen.repeat_interleave(2)), spec, logits, chosen)
+             for chosen in chosen_sets] for cam in cams]
 
 
 def dense_targets(targets, logits: Tensor) -> Tensor:

@@ -17,19 +17,26 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common import sha256_file
-from common.errors import InputError
-from data.spec import PreprocessSpec
-from export import ExportError, artifact_path, load_cam_weights, make_ort_session
-from gradcam.core import CamResult, weighted_channel_sum
-from data.crops import DENSE, TEN, crop_mode
-from export.manifest import graph_crops
-from export.parity import CAM_GATES, apply_gates
-from gradcam.dense import dense_targets, image_and_mirror_to_image
-from gradcam.tencrop import ImageCam, crops_to_image, image_cam, peak, per_crop_targets
-from models.checkpoint import load_checkpoint
-from models.ensemble import Ensemble
-from runtime.predictor import crop_mode_mismatch
+from cnnbench.common import sha256_file
+from cnnbench.common.errors import InputError
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.export import ExportError, artifact_path, load_cam_weights, make_ort_session
+from cnnbench.gradcam.core import CamResult, weighted_channel_sum
+from cnnbench.data.crops import DENSE, TEN, crop_mode
+from cnnbench.export.manifest import graph_crops
+from cnnbench.export.parity import CAM_GATES, apply_gates
+from cnnbench.gradcam.dense import dense_targets, image_and_mirror_to_image
+from cnnbench.gradcam.layers import LAST
+from cnnbench.gradcam.tencrop import ImageCam, crops_to_image, image_cam, peak, per_crop_targets
+from cnnbench.models.checkpoint import load_checkpoint
+from cnnbench.models.ensemble import Ensemble
+from cnnbench.runtime.predictor import crop_mode_mismatch
+
+
+# The reference map an exported CAM equals (in logit units): Grad-CAM at the map entering global
+# pooling. Fixed whatever gradcam.core.DEFAULT_METHOD / DEFAULT_LAYER say: an exported graph has
+# no gradients and no other layer, so CAM parity covers this method at this layer only.
+REFERENCE_METHOD, REFERENCE_LAYER = "gradcam", LAST
 
 
 class ExportedCam:
@@ -218,6 +225,7 @@ def cam_parity(manifest: dict, images: Tensor, precision: str = "fp32", crops: i
     for start in range(0, len(images), batch):
         chunk = images[start:start + batch]
         chunk_targets = None if targets is None else torch.as_tensor(targets)[start:start + batch]
-        ref = image_cam(reference, chunk, exported.spec, crops=crops, targets=chunk_targets)
+        ref = image_cam(reference, chunk, exported.spec, crops=crops, targets=chunk_targets, method=REFERENCE_METHOD,
+                        layer=REFERENCE_LAYER)
         rows += compare_with_reference_cam(exported, chunk, ref, crops)[0]
     return {**cam_gate_report(rows, precision), "images": rows}

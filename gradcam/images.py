@@ -14,14 +14,14 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from common import topk_indices
-from common.errors import InputError, UserError
-from data.folder import Sample
-from data.heldout import held_out
-from data.images import ImageError, load_rgb
-from data.spec import PreprocessSpec
-from data.transforms import resize_uint8
-from models.checkpoint import recorded_split_files
+from cnnbench.common import topk_indices
+from cnnbench.common.errors import InputError, UserError
+from cnnbench.data.folder import Sample
+from cnnbench.data.heldout import held_out
+from cnnbench.data.images import ImageError, load_rgb
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.transforms import resize_uint8
+from cnnbench.models.checkpoint import recorded_split_files
 
 DEFAULT_OUT = os.path.join("runs", "gradcam")
 IMAGES_PER_PASS = 8  # images explained together (times the number of crops)

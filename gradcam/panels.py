@@ -13,7 +13,7 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from common import atomic_write
+from cnnbench.common import atomic_write
 
 OVERLAY_ALPHA = 0.5
 CMAP = "jet"
@@ -55,7 +55,7 @@ def save_panel(path, image: Tensor, views: list[MapView], title: str = "") -> st
         _show(row[2], overlay(image, view.cam), "overlay")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 @dataclass
@@ -85,7 +85,7 @@ def save_gallery(path, rows: list[GalleryRow], title: str, columns: int = 2) -> 
         for offset, view in enumerate(row.views, start=1):
             _show(line[first + offset], overlay(row.image, view.cam), view.title)
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -101,6 +101,7 @@ def _show(ax, pixels: np.ndarray, title: str) -> None:
     ax.axis("off")
 
 
-def _save(fig: Figure, path) -> str:
+def save_figure(fig: Figure, path) -> str:
+    """Write ``fig`` as a PNG, atomically."""
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return str(path)

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data.crops import crop_mode
-from data.geometry import cut_boxes
-from data.spec import PreprocessSpec
-from data.synth import mask_path
-from gradcam.core import upsample
-from gradcam.tencrop import paste_back, peak
+from cnnbench.data.crops import crop_mode
+from cnnbench.data.geometry import cut_boxes
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.synth import mask_path
+from cnnbench.gradcam.core import upsample
+from cnnbench.gradcam.tencrop import paste_back, peak
 
 
 def to_original(x: int, y: int, resized: int, width: int, height: int) -> tuple[int, int]:

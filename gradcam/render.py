@@ -1,7 +1,9 @@
 """Human-readable renderings of Grad-CAM results (the CLI prints these without --json)."""
 from __future__ import annotations
 
-from gradcam.pointing import format_share
+from cnnbench.gradcam.core import method_name
+from cnnbench.gradcam.pointing import format_share
+from cnnbench.gradcam.pointing_table import render_pointing_table
 
 
 def _error_line(r: dict) -> str | None:
@@ -29,7 +31,7 @@ def render_errors(r: dict) -> str:
     if _error_line(r):
         return _error_line(r)
     lines = [f"{r['checkpoint']}: {r['images']['n_images']} test images, {r['crops']} crop(s), top-1 {r['top1']:.1f}%, "
-             f"{r['misclassified']} misclassified",
+             f"{r['misclassified']} misclassified; maps: {method_name(r['method'])} at {r['layer']}",
              f"  galleries: {r['galleries']['errors']} (errors), {r['galleries']['correct']} (correct)"]
     pointing = r.get("pointing_game")
     if pointing:
@@ -43,6 +45,11 @@ def render_errors(r: dict) -> str:
                      f"{format_share(split['correct'])}, misclassified {format_share(split['misclassified'])}")
     else:
         lines.append(f"  {r['pointing_game_note']}")
+    table = r.get("pointing_table")
+    if table:
+        lines.append(f"  pointing game per method and layer (true class; split by the {table['crops']}-crop "
+                     f"prediction) -> {table['png']}")
+        lines += render_pointing_table(table)
     return "\n".join(lines)
 
 

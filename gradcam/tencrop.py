@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from data.crops import crop_mode
-from data.geometry import CropBox
-from data.spec import PreprocessSpec
-from gradcam.core import BaseCAM, CamResult, GradCAM
+from cnnbench.data.crops import crop_mode
+from cnnbench.data.geometry import CropBox
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.gradcam.core import DEFAULT_LAYER, DEFAULT_METHOD, BaseCAM, CamResult, method_class, tap
+from cnnbench.gradcam.layers import Layer, resolve_layer
 
 
 @dataclass
@@ -55,13 +56,15 @@ def image_cam(
     spec: PreprocessSpec,
     crops: int = 10,
     targets: Tensor | None = None,
-    method: type[BaseCAM] = GradCAM,
+    method: str | type[BaseCAM] = DEFAULT_METHOD,
+    layer: str | Layer = DEFAULT_LAYER,
 ) -> ImageCam:
     """CAM of resized uint8 images [B, 3, R, R] through ``crops`` crops, pasted back to [B, R, R].
 
     targets: [B] classes to explain (default: each image's prediction from the mean crop logits).
+    method: a gradcam.core.METHODS name or class; layer: a gradcam.layers name.
     """
-    return image_cams(model, images, spec, crops, [targets], method)[0]
+    return image_cams(model, images, spec, crops, [targets], method, layer)[0]
 
 
 def image_cams(
@@ -70,25 +73,41 @@ def image_cams(
     spec: PreprocessSpec,
     crops: int = 10,
     target_sets: list[Tensor | None] = (None,),
-    method: type[BaseCAM] = GradCAM,
+    method: str | type[BaseCAM] = DEFAULT_METHOD,
+    layer: str | Layer = DEFAULT_LAYER,
 ) -> list[ImageCam]:
     """``image_cam`` for several target sets (e.g. predicted and true class) from one backbone pass.
 
     crops="dense": the map from the full-image feature maps (gradcam.dense), no paste-back."""
-    if not crop_mode(crops).cuts_crops:
-        from gradcam.dense import dense_image_cams  # it builds on this module's ImageCam
+    return method_cams(model, images, spec, crops, target_sets, [method], layer)[0]
 
-        return dense_image_cams(model, images, spec, target_sets, method)
+
+def method_cams(
+    model: nn.Module,
+    images: Tensor,
+    spec: PreprocessSpec,
+    crops,
+    target_sets: list[Tensor | None],
+    methods: list[str | type[BaseCAM]],
+    layer: str | Layer = DEFAULT_LAYER,
+) -> list[list[ImageCam]]:
+    """Per method, ``image_cams``: one forward pass for all of them, and one backward per target set shared
+    by every gradient method (the methods differ only in what they make of the same gradients)."""
+    layer = layer if isinstance(layer, Layer) else resolve_layer(model, layer)
+    cams = [method_class(m)(model, layer) for m in methods]
+    with_graph = any(cam.needs_gradients for cam in cams)
+    if not crop_mode(crops).cuts_crops:
+        from cnnbench.gradcam.dense import dense_method_cams  # it builds on this module's ImageCam
+
+        return dense_method_cams(model, images, spec, target_sets, cams, with_graph)
     batch_crops = crop_mode(crops).cut(images, spec)
     batch = batch_crops.shape[0]
-    cam = method(model)
-    features = cam.features(batch_crops.flatten(0, 1))
-    results = []
     for targets in target_sets:
         if targets is not None and torch.as_tensor(targets).numel() != batch:
             raise ValueError(f"one target per image: {torch.as_tensor(targets).numel()} targets for {batch} images")
-        results.append(crops_to_image(cam.explain(features, per_crop_targets(targets, crops)), spec, crops))
-    return results
+    tapped = tap(model, layer, batch_crops.flatten(0, 1), with_graph)
+    return [[crops_to_image(cam.explain(tapped, per_crop_targets(targets, crops)), spec, crops) for targets in target_sets]
+            for cam in cams]
 
 
 def crops_to_image(result: CamResult, spec: PreprocessSpec, crops: int) -> ImageCam:

@@ -1,30 +1,36 @@
 """`validate EXPORT`: the held-out split through the reference and the export's ONNX graphs: the
-logit parity gates and the CAM gate (export.parity's tables), with panels of what changed."""
+logit parity gates and the CAM gate (export.parity's tables), with panels of what changed.
+The gated logits come from ONNX Runtime or OpenVINO (``backend``); the CAM comparison from ONNX Runtime."""
 from __future__ import annotations
 
 import heapq
 import os
 from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from common import atomic_write_json
-from data.crops import CENTRE, DENSE, TEN
-from data.spec import PreprocessSpec
-from data.split import spread_evenly
-from export import load_manifest
-from export.ort import logits_runner
-from export.manifest import graph_crops, ten_crop_place
-from export.onnx_export import images_model
-from models.dense import DEFAULT_CENTRE
-from export.parity import apply_gates, compare_logits, exported_logits, reference_logits, top1_agreement
-from export.pipeline import PARITY_IMAGES
-from gradcam.exported import ExportedCam, cam_gate_report, compare_maps, compare_with_reference_cam, load_reference
-from gradcam.images import INPUT_ERRORS, LoadedImage, check_positive, held_out_samples, image_groups, log, panel_name
-from gradcam.panels import MapView, save_panel
-from gradcam.tencrop import ImageCam, image_cam
+from cnnbench.common import atomic_write_json
+from cnnbench.data.crops import CENTRE, DENSE, TEN
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.split import spread_evenly
+from cnnbench.export import load_manifest
+from cnnbench.export.ort import logits_runner
+from cnnbench.export.manifest import graph_crops, ten_crop_place
+from cnnbench.export.onnx_export import images_model
+from cnnbench.models.dense import DEFAULT_CENTRE
+from cnnbench.export.parity import apply_gates, compare_logits, exported_logits, reference_logits, top1_agreement
+from cnnbench.export.pipeline import PARITY_IMAGES
+from cnnbench.gradcam.exported import (REFERENCE_LAYER, REFERENCE_METHOD, ExportedCam, cam_gate_report, compare_maps,
+                                       compare_with_reference_cam, load_reference)
+from cnnbench.gradcam.images import INPUT_ERRORS, LoadedImage, check_positive, held_out_samples, image_groups, log, panel_name
+from cnnbench.gradcam.panels import MapView, save_panel
+from cnnbench.gradcam.tencrop import ImageCam, image_cam
+from cnnbench.runtime.predictor import BackendError
+
+REFERENCE_CAM = {"method": REFERENCE_METHOD, "layer": REFERENCE_LAYER}  # what exported CAM parity compares with
 
 MOST_MOVED = 4  # panels for this many images whose exported map moved most
 MAX_PANELS = 200  # cap on top-1 difference panels per artifact, so a broken export cannot flood the disk
@@ -49,9 +55,12 @@ class MovedMap:
 
 @dataclass
 class _ArtifactCheck:
-    """What validate accumulates for one exported graph over the image groups."""
+    """What validate accumulates for one precision over the image groups: the gated logits from
+    ``run_logits`` (the backend's), and with ``exported`` (the graph in ONNX Runtime) the CAM comparison."""
 
-    exported: ExportedCam
+    run_logits: Callable[[np.ndarray], np.ndarray]
+    file: str
+    exported: Optional[ExportedCam]
     logits: list = field(default_factory=list)
     cam_rows: list = field(default_factory=list)
     exact_cam_rows: list = field(default_factory=list)  # dense export: its CAM vs the exact ten-crop map
@@ -59,8 +68,11 @@ class _ArtifactCheck:
     moved: list = field(default_factory=list)  # heap of (1 - correlation, counter, MovedMap), the MOST_MOVED lowest
 
 
-def validate_export(export_dir, data=None, out=None, limit: int | None = None, progress: bool = True) -> dict:
-    """The held-out test split through the reference and the export's ONNX graphs (ONNX Runtime, CPU).
+def validate_export(export_dir, data=None, out=None, limit: int | None = None, backend: str = "onnxruntime",
+                    progress: bool = True) -> dict:
+    """The held-out test split through the reference and the export's ONNX graphs (``backend``: their
+    logits from "onnxruntime" or "openvino", on the CPU; OpenVINO also runs bf16 where the CPU has bf16
+    units, judged by the fp16 gates).
 
     Per graph: the numeric parity gates (export.parity, on the inputs the export's parity uses:
     centre crops, or resized images for an in-graph ten-crop graph), and with cam_output the CAM
@@ -84,8 +96,8 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
         samples, origin = held_out_samples(data, classes, meta.get("record"), manifest,
                                            limit=None if limit is None else max(limit, PARITY_IMAGES))
         cam_paths = {s.path for s in spread_evenly(samples, limit)}
-        precisions = [a["precision"] for a in manifest["artifacts"] if a["format"] == "onnx"]
-        checks = {p: _ArtifactCheck(ExportedCam(manifest, p)) for p in precisions}
+        checks = _artifact_checks(manifest, backend)
+        precisions = list(checks)
     except INPUT_ERRORS as exc:
         return {"ok": False, "error": str(exc)}
     out = os.fspath(out) if out is not None else os.path.join(manifest["export_dir"], "validation")
@@ -106,15 +118,16 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
         if dense:
             exact_chunks.append(reference_logits(exact_reference, parity_input))
         for check in checks.values():
-            check.logits.append(exported_logits(logits_runner(check.exported.session), parity_input))
+            check.logits.append(exported_logits(check.run_logits, parity_input))
         picked = [i for i, image in enumerate(group) if image.path in cam_paths]
         if not picked:
             continue
         cam_group, cam_batch = [group[i] for i in picked], batch[picked]
         cam_images += len(picked)
-        ref_cam = image_cam(reference, cam_batch, spec, crops=cam_crops)
-        exact_cam = image_cam(reference, cam_batch, spec, crops=TEN.name, targets=ref_cam.targets) if dense else None
-        for check in checks.values():
+        ref_cam = image_cam(reference, cam_batch, spec, crops=cam_crops, **REFERENCE_CAM)
+        exact_cam = (image_cam(reference, cam_batch, spec, crops=TEN.name, targets=ref_cam.targets, **REFERENCE_CAM)
+                     if dense else None)
+        for check in (c for c in checks.values() if c.exported is not None):
             counter = _compare_group(check, reference, cam_group, cam_batch, spec, ref_cam, classes, out, used, counter,
                                      cam_crops, exact_cam)
 
@@ -124,7 +137,7 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
     artifacts, problems = {}, []
     for precision, check in checks.items():
         got = np.concatenate(check.logits)
-        parity = apply_gates(compare_logits(expected, got), precision)
+        parity = {**apply_gates(compare_logits(expected, got), precision), "runtime": f"{backend}-cpu"}
         cam = cam_gate_report(check.cam_rows, precision) if check.cam_rows else None
         if dense:  # reported beside the gates, never gated: dense is an approximation of the ten crops
             parity["exact_top1_agreement"] = top1_agreement(np.concatenate(exact_chunks), got)
@@ -135,7 +148,7 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
                                              "min_correlation": float(correlations.min())}
         moved = [m for _, _, m in sorted(check.moved, key=lambda entry: entry[:2], reverse=True)]
         artifacts[precision] = {
-            "file": check.exported.file,
+            "file": check.file,
             "parity": parity,
             "cam": cam,
             "top1_differs": check.differs,
@@ -150,6 +163,8 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
         "export": manifest["name"],
         "export_dir": manifest["export_dir"],
         "kind": manifest["kind"],
+        "backend": backend,
+        "cam_runtime": "onnxruntime-cpu",
         "images": {**origin, "n_images": len(expected), "cam_images": cam_images, "skipped": failures},
         "parity_input": (f"resized uint8 image ({'dense ten crops' if dense else 'ten crops'} in the graph)"
                          if in_graph else "normalised centre crop"),
@@ -161,6 +176,29 @@ def validate_export(export_dir, data=None, out=None, limit: int | None = None, p
     }
     atomic_write_json(report["report"], report)
     return report
+
+
+def _artifact_checks(manifest: dict, backend: str) -> dict[str, _ArtifactCheck]:
+    """One check per precision ``backend`` runs from the export's ONNX graphs, each with the graph's CAM
+    in ONNX Runtime (none for OpenVINO's bf16, which is no graph of its own)."""
+    from cnnbench.runtime.backends import FORMAT_BACKENDS
+
+    if backend not in FORMAT_BACKENDS["onnx"]:
+        raise BackendError(f"validate runs the ONNX graphs through {' or '.join(FORMAT_BACKENDS['onnx'])}, "
+                           f"not {backend!r}")
+    graphs = [a["precision"] for a in manifest["artifacts"] if a["format"] == "onnx"]
+    cams = {p: ExportedCam(manifest, p) for p in graphs}
+    if backend == "onnxruntime":
+        return {p: _ArtifactCheck(logits_runner(cam.session), cam.file, cam) for p, cam in cams.items()}
+    from cnnbench.runtime.openvino_backend import graph_for, graph_precision, openvino_precisions
+
+    checks = {}
+    for precision in openvino_precisions():
+        graph = graph_precision(precision)
+        if graph in cams:
+            checks[precision] = _ArtifactCheck(graph_for(manifest, precision).logits, cams[graph].file,
+                                               cams[graph] if graph == precision else None)
+    return checks
 
 
 def _compare_group(check: _ArtifactCheck, reference: nn.Module, group: list[LoadedImage], batch: Tensor,
@@ -193,7 +231,8 @@ def _compare_group(check: _ArtifactCheck, reference: nn.Module, group: list[Load
             if exported_maps is not None:
                 exp_view = MapView(f"export {exported.precision} CAM: {classes[exp_class]}", exported_maps[i])
             else:
-                other = image_cam(reference, batch[i:i + 1], spec, crops=crops, targets=torch.tensor([exp_class]))
+                other = image_cam(reference, batch[i:i + 1], spec, crops=crops, targets=torch.tensor([exp_class]),
+                                  **REFERENCE_CAM)
                 exp_view = MapView(f"reference Grad-CAM: {classes[exp_class]} (export's class)", other.maps[0])
             views = [MapView(f"reference Grad-CAM: {classes[ref_class]}", ref_cam.maps[i]), exp_view]
             name = panel_name(group[i].path, used, f"_{exported.precision}_top1")

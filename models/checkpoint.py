@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import atomic_write
-from common.errors import UserError
-from data.spec import PreprocessSpec
-from models.registry import INIT_ONLY_KWARGS, create_model, list_models
-from models.weights import state_dict_mismatch, torch_load_weights_only
+from cnnbench.common import atomic_write
+from cnnbench.common.errors import UserError
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.models.registry import INIT_ONLY_KWARGS, create_model, list_models
+from cnnbench.models.weights import state_dict_mismatch, torch_load_weights_only
 
 FORMAT_VERSION = 1
 REQUIRED_KEYS = ("format_version", "arch", "num_classes", "classes", "spec", "model_kwargs", "state_dict", "record")

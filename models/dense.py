@@ -45,11 +45,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from common.errors import InputError
-from data.geometry import ten_crop_boxes
-from data.spec import PreprocessSpec
-from data.transforms import normalize
-from models.ensemble import Ensemble
+from cnnbench.common.errors import InputError
+from cnnbench.data.geometry import ten_crop_boxes
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.transforms import normalize
+from cnnbench.models.ensemble import Ensemble
 
 CENTRE_MODES = ("pass", "interpolate", "drop")
 DEFAULT_CENTRE = "pass"
@@ -181,7 +181,7 @@ def _window_weights(geometry: DenseGeometry, centre: str) -> Tensor:
 def dense_flops(model: nn.Module, spec: PreprocessSpec, centre: str = DEFAULT_CENTRE) -> int:
     """Forward FLOPs of dense ten crops per image (models.complexity): the trunk on the image and its
     mirror, plus the centre crop and its mirror when the centre has its own pass."""
-    from models.complexity import model_flops
+    from cnnbench.models.complexity import model_flops
 
     centre_passes = 2 if centre == "pass" else 0
     return 2 * model_flops(model, spec.resize) + centre_passes * model_flops(model, spec.crop)
@@ -210,8 +210,12 @@ class DenseTenCropModel(nn.Module):
         self.centre = centre
         self.return_features = return_features
         self.geometries = dense_geometry(model, spec)
+        # Buffers, so .to(device) moves them; made where the model already is (the torch backend wraps
+        # a model that is on the GPU), and _pool still follows the features should the two part ways.
+        device = next(model.parameters()).device
         for index, geometry in enumerate(self.geometries):
-            self.register_buffer(f"_weights_{index}", _window_weights(geometry, centre).flatten(1).T, persistent=False)
+            weights = _window_weights(geometry, centre).flatten(1).T.to(device)
+            self.register_buffer(f"_weights_{index}", weights, persistent=False)
 
     @property
     def num_windows(self) -> int:
@@ -220,7 +224,7 @@ class DenseTenCropModel(nn.Module):
 
     def _pool(self, features: Tensor, index: int) -> Tensor:
         """[N, C, h, w] -> [N * windows, C, 1, 1]: the windows' averages, as maps the head pools again (a no-op)."""
-        weights = getattr(self, f"_weights_{index}").to(features.dtype)
+        weights = getattr(self, f"_weights_{index}").to(features.device, features.dtype)
         pooled = (features.flatten(2) @ weights).transpose(1, 2)
         return pooled.reshape(-1, features.shape[1], 1, 1)
 

@@ -11,8 +11,8 @@ from typing import Callable
 
 from torch import nn
 
-from common.errors import InputError
-from data.spec import PreprocessSpec, spec_for_crop
+from cnnbench.common.errors import InputError
+from cnnbench.data.spec import PreprocessSpec, spec_for_crop
 
 # Keyword arguments that say where initial weights come from rather than what the network is:
 # they are not recorded in ``model.model_kwargs``, so a checkpoint rebuilds without them.

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from models.init import init_residual_network
-from models.registry import register_model
+from cnnbench.models.init import init_residual_network
+from cnnbench.models.registry import register_model
 
 
 def scaled(channels: int, width_mult: float) -> int:

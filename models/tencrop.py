@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from data.crops import TEN
-from data.spec import PreprocessSpec
+from cnnbench.data.crops import TEN
+from cnnbench.data.spec import PreprocessSpec
 
 
 class TenCropModel(nn.Module):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from common.errors import InputError, MissingFileError
+from cnnbench.common.errors import InputError, MissingFileError
 
 
 _REFUSAL_MARK = "Weights only load failed"

@@ -34,11 +34,11 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from common.errors import InputError
-from models.init import init_residual_network
-from models.registry import register_model
-from models.resnet import scaled
-from models.weights import read_state_dict, state_dict_mismatch
+from cnnbench.common.errors import InputError
+from cnnbench.models.init import init_residual_network
+from cnnbench.models.registry import register_model
+from cnnbench.models.resnet import scaled
+from cnnbench.models.weights import read_state_dict, state_dict_mismatch
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,11 @@ import time
 import numpy as np
 import torch
 
-from common import accuracy_report, atomic_write_json
-from data.split import spread_evenly
-from runtime.evaluate import held_out_split
-from runtime.loader import load
-from runtime.pipeline import nvjpeg_works, run_files
+from cnnbench.common import accuracy_report, atomic_write_json
+from cnnbench.data.split import spread_evenly
+from cnnbench.runtime.evaluate import held_out_split
+from cnnbench.runtime.loader import load
+from cnnbench.runtime.pipeline import nvjpeg_works, run_files
 
 CONFIGS = [
     # (label, backend, precision, channels_last, compile, preprocess)
@@ -86,11 +86,11 @@ def cuda_check(checkpoint, *, export_dir=None, data=None, images: int = 256, bat
 def _backend_problem(backend: str) -> str | None:
     """Why ``backend`` cannot run on this GPU (None: it can)."""
     if backend == "onnxruntime":
-        from runtime.ort_backend import cuda_provider_problem
+        from cnnbench.runtime.ort_backend import cuda_provider_problem
 
         return cuda_provider_problem()
     if backend == "tensorrt":
-        from runtime.trt_backend import tensorrt_problem
+        from cnnbench.runtime.trt_backend import tensorrt_problem
 
         return tensorrt_problem()
     return None

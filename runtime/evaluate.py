@@ -5,12 +5,12 @@ import os
 
 import numpy as np
 
-from common import accuracy_report
-from data.heldout import FROM_RUN, held_out
-from data.split import Split
-from models.checkpoint import recorded_split_files
-from runtime.loader import load
-from runtime.pipeline import run_files
+from cnnbench.common import accuracy_report
+from cnnbench.data.heldout import FROM_RUN, held_out
+from cnnbench.data.split import Split
+from cnnbench.models.checkpoint import recorded_split_files
+from cnnbench.runtime.loader import load
+from cnnbench.runtime.pipeline import run_files
 
 
 def evaluate(model_path, *, data=None, backend: str = "auto", device: str = "auto", precision: str = "fp32",

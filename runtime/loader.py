@@ -4,24 +4,26 @@ from __future__ import annotations
 import os
 import warnings
 
-from common.device import resolve_device
-from common.errors import InputError, MissingFileError
-from runtime.predictor import BackendError, Predictor
-
-BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
+from cnnbench.common.device import resolve_device
+from cnnbench.common.errors import InputError, MissingFileError
+from cnnbench.runtime.backends import AUTO, BACKEND_CHOICES, CPU_ONLY_BACKENDS, EXPORT_BACKENDS
+from cnnbench.runtime.predictor import BackendError, Predictor
 
 
 def load(path, backend: str = "auto", device: str = "auto", precision: str = "fp32", channels_last: bool = False,
          compile: bool | str = False, threads: int | None = None) -> Predictor:
     """Open `path` (checkpoint .pt, export folder or its manifest.json) with one backend.
 
-    backend "auto": torch for a checkpoint; for an export, tensorrt when the export has a plan of this
-    precision and TensorRT + CUDA are available, else onnxruntime (on the GPU when its CUDA provider
-    works, else on the CPU). device "auto": cuda when torch sees a GPU, else cpu.
-    channels_last / compile apply to the torch backend; threads to torch (intra-op) and onnxruntime.
+    backend "auto": torch for a checkpoint. For an export on the CPU, the fastest backend that passed
+    its gates for this precision in the `bench` measurements of this export on this machine
+    (runtime.selection), else onnxruntime (openvino for bf16, which only it runs from an export). On a
+    GPU: tensorrt when the export has a plan of this precision and TensorRT works, else onnxruntime
+    (on the GPU when its CUDA provider works, else on the CPU). device "auto": cuda when torch sees a
+    GPU, else cpu.
+    channels_last / compile apply to the torch backend; threads to torch (intra-op), onnxruntime and openvino.
     """
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if backend not in BACKEND_CHOICES:
+        raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(BACKEND_CHOICES)}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MissingFileError(f"model not found: {path} (expected a checkpoint .pt, an export folder or manifest.json)")
@@ -32,7 +34,7 @@ def load(path, backend: str = "auto", device: str = "auto", precision: str = "fp
         if channels_last or compile:
             raise InputError("channels_last and compile apply to the torch backend (checkpoints) only, not to exports")
         return _load_export(path, backend, device, precision, threads)
-    if backend in ("onnxruntime", "tensorrt"):
+    if backend not in (AUTO, "torch"):
         raise BackendError(f"{path} is a PyTorch checkpoint; the {backend} backend runs an export folder "
                            "(create one with `python cli.py export`), or use --backend torch")
     return _load_checkpoint(path, resolve_device(device), precision, channels_last, compile, threads)
@@ -45,8 +47,8 @@ def _is_export(path: str) -> bool:
 def _load_checkpoint(path, device, precision, channels_last, compile, threads) -> Predictor:
     import torch
 
-    from models.checkpoint import load_checkpoint
-    from runtime.torch_backend import TorchPredictor
+    from cnnbench.models.checkpoint import load_checkpoint
+    from cnnbench.runtime.torch_backend import TorchPredictor
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -56,37 +58,47 @@ def _load_checkpoint(path, device, precision, channels_last, compile, threads) -
 
 
 def _load_export(path, backend, device, precision, threads) -> Predictor:
-    from export.manifest import load_manifest
+    from cnnbench.export.manifest import load_manifest
 
     if backend == "torch":
         raise BackendError(f"{path} is an export; the torch backend runs the source checkpoint "
-                           "(see the manifest's sources), or use --backend onnxruntime / tensorrt")
+                           f"(see the manifest's sources), or use --backend {' / '.join(EXPORT_BACKENDS)}")
     manifest = load_manifest(path)  # verifies every file's sha256 before anything is deserialised
-    if backend == "auto":
+    if backend == AUTO:
         backend, device = _auto_export_backend(manifest, device, precision)
     else:
-        device = resolve_device(device)
+        device = resolve_device("cpu" if device == AUTO and backend in CPU_ONLY_BACKENDS else device)
+    if backend == "openvino":
+        from cnnbench.runtime.openvino_backend import OpenVinoPredictor, graph_precision
+
+        _require_artifact(manifest, path, graph_precision(precision), "onnx")
+        return OpenVinoPredictor(manifest, source=path, device=device, precision=precision, threads=threads)
     if backend == "tensorrt":
-        from runtime.trt_backend import TensorRTPredictor, tensorrt_problem
+        from cnnbench.runtime.trt_backend import TensorRTPredictor, tensorrt_problem
 
         if tensorrt_problem():
             raise BackendError(f"tensorrt backend unavailable: {tensorrt_problem()}")
         _require_artifact(manifest, path, precision, "tensorrt")
         return TensorRTPredictor(manifest, source=path, device=device, precision=precision)
-    from runtime.ort_backend import OrtPredictor
+    from cnnbench.runtime.ort_backend import OrtPredictor
 
     _require_artifact(manifest, path, precision, "onnx")
     return OrtPredictor(manifest, source=path, device=device, precision=precision, threads=threads)
 
 
 def _auto_export_backend(manifest: dict, device: str, precision: str) -> tuple[str, str]:
-    """Fastest available: a TensorRT plan on the GPU, then ONNX Runtime's CUDA provider, then its CPU one."""
-    from runtime.ort_backend import cuda_provider_problem
-    from runtime.trt_backend import tensorrt_problem
+    """On the CPU: the backend bench verified fastest here (runtime.selection), else ONNX Runtime
+    (OpenVINO for bf16). On a GPU: a TensorRT plan, then ONNX Runtime's CUDA provider, then its CPU one."""
+    from cnnbench.runtime.ort_backend import cuda_provider_problem
+    from cnnbench.runtime.selection import recorded_choice
+    from cnnbench.runtime.trt_backend import tensorrt_problem
 
     resolved = resolve_device(device)
     if not resolved.startswith("cuda"):
-        return "onnxruntime", resolved
+        chosen = recorded_choice(manifest, resolved, precision)
+        if chosen is not None:
+            return chosen, resolved
+        return ("openvino" if precision == "bf16" else "onnxruntime"), resolved
     if _has_artifact(manifest, precision, "tensorrt") and tensorrt_problem() is None:
         return "tensorrt", resolved
     problem = cuda_provider_problem()

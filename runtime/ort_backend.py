@@ -5,10 +5,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from data.spec import PreprocessSpec
-from export.ort import cuda_device_index, cuda_provider_problem  # noqa: F401 (the loader asks it too)
-from export.manifest import graph_crops
-from runtime.predictor import BackendError, Predictor
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.export.ort import cuda_device_index, cuda_provider_problem  # noqa: F401 (the loader asks it too)
+from cnnbench.export.manifest import graph_crops
+from cnnbench.runtime.predictor import BackendError, Predictor
 
 LOGITS = "logits"
 _NUMPY_TYPES = {torch.float32: np.float32, torch.uint8: np.uint8}
@@ -18,8 +18,8 @@ class OrtPredictor(Predictor):
     backend = "onnxruntime"
 
     def __init__(self, manifest: dict, *, source: str, device: str, precision: str, threads: int | None = None):
-        from export.manifest import artifact_path
-        from export.ort import make_ort_session
+        from cnnbench.export.manifest import artifact_path
+        from cnnbench.export.ort import make_ort_session
 
         super().__init__(source=source, spec=PreprocessSpec.from_dict(manifest["spec"]), classes=manifest["classes"],
                          device=device, precision=precision, graph_crops=graph_crops(manifest))

@@ -10,11 +10,14 @@ batch. Two ways to get from a file to the uint8 [B,3,R,R] batch the predictor ta
   copies and the antialiased resize runs there. The crops are always cut on the predictor's device.
 
 A file that cannot be used becomes a (position, reason) failure; the rest of its batch goes on.
+`FileStream` hands out each batch's results as it finishes (predict writes them out, memory stays
+flat); `run_files` collects them all (evaluation and benchmarks need every logit at once).
 """
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -25,12 +28,12 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from common.errors import InputError
-from data.images import MAX_PIXELS, ImageError, load_rgb
-from common.device import default_workers
-from data.spec import PreprocessSpec
-from data.transforms import interpolation_mode, resize_uint8
-from runtime.predictor import Predictor
+from cnnbench.common.errors import InputError
+from cnnbench.data.images import MAX_PIXELS, ImageError, load_rgb
+from cnnbench.common.device import default_workers
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.transforms import interpolation_mode, resize_uint8
+from cnnbench.runtime.predictor import Predictor
 
 PREPROCESS_MODES = ("auto", "host", "device", "device-jpeg")
 _EXIF_ORIENTATION = 0x0112
@@ -70,7 +73,7 @@ class FileBatch:
         )
 
 
-class _FileDataset(Dataset):
+class FileDataset(Dataset):
     """Item i: file i decoded (and resized, for host preprocessing), or the reason it is unusable."""
 
     def __init__(self, paths: list[str], spec: PreprocessSpec, resize: bool, raw_jpegs: bool):
@@ -146,44 +149,115 @@ class PipelineResult:
     preprocess: str  # the mode that ran: host | device | device-jpeg
 
 
+@dataclass
+class BatchResult:
+    """One batch of files: what FileStream yields."""
+
+    logits: Tensor  # [n, K] float32 on the CPU; row i belongs to paths[positions[i]]
+    positions: list[int]
+    failures: list[tuple[int, str]]  # (position in paths, reason)
+
+
+class FileStream:
+    """Crop-averaged logits of every file in ``paths``, one BatchResult per batch, in path order.
+
+    Nothing is kept between batches, so a caller that writes each batch out runs in memory that does
+    not grow with the number of files. On CUDA a batch's logits are copied to pinned host memory
+    without waiting, and handed out once the next batch is queued: the GPU is never left idle
+    while the host writes results.
+
+    preprocess "auto": host on the CPU; on CUDA, device-jpeg when nvJPEG works here, else device.
+    """
+
+    def __init__(self, predictor: Predictor, paths: list[str], *, crops: int = 10, batch: int = 64,
+                 workers: int | None = None, progress: bool = False, preprocess: str = "auto"):
+        if preprocess not in PREPROCESS_MODES:
+            raise InputError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
+        if batch < 1:
+            raise InputError(f"batch must be at least 1, got {batch}")
+        self.on_cuda = predictor.device.startswith("cuda")
+        if preprocess == "auto":
+            preprocess = "host" if not self.on_cuda else ("device-jpeg" if nvjpeg_works(predictor.device) else "device")
+        self.preprocess = preprocess
+        self.predictor = predictor
+        self.paths = list(paths)
+        self.crops = crops
+        self.batch = batch
+        self.workers = default_workers() if workers is None else workers
+        self.progress = progress
+
+    def __iter__(self) -> Iterator[BatchResult]:
+        host = self.preprocess == "host"
+        dataset = FileDataset(self.paths, self.predictor.spec, resize=host, raw_jpegs=self.preprocess == "device-jpeg")
+        loader = DataLoader(dataset, batch_size=self.batch, num_workers=self.workers,
+                            collate_fn=_Collate(resized=host), pin_memory=self.on_cuda)
+        assemble = _DeviceBatch(self.predictor.spec, self.predictor.device, self.paths)
+        pending = None  # the previous batch, its logits on their way to the host
+        with tqdm(total=len(dataset), unit="img", disable=not self.progress, leave=False) as bar:
+            for file_batch in loader:
+                failures = list(file_batch.failures)
+                if host:
+                    images, ready = file_batch.images, file_batch.image_positions
+                else:
+                    images, ready, decode_failures = assemble(file_batch)
+                    failures.extend(decode_failures)
+                logits = self.predictor.device_logits_from_images(images, self.crops) if ready else None
+                current = _PendingBatch(logits, ready, sorted(failures), len(self.predictor.classes))
+                bar.update(len(file_batch.failures) + len(file_batch.image_positions) + len(file_batch.decoded)
+                           + len(file_batch.jpegs))
+                if pending is not None:
+                    yield pending.result()
+                    pending = None
+                if current.copied is None:  # already on the host: nothing to overlap
+                    yield current.result()
+                else:
+                    pending = current
+        if pending is not None:
+            yield pending.result()
+
+
+class _PendingBatch:
+    """A batch whose device logits are being copied to the host (pinned, non-blocking on CUDA)."""
+
+    def __init__(self, logits: Tensor | None, positions: list[int], failures: list[tuple[int, str]], classes: int):
+        self.positions = positions
+        self.failures = failures
+        self.copied = None
+        if logits is None:
+            self.host = torch.empty(0, classes)
+        elif logits.device.type == "cuda":
+            self.device_logits = logits  # alive until the copy is done
+            self.host = torch.empty(logits.shape, dtype=logits.dtype, pin_memory=True)
+            self.host.copy_(logits, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        else:
+            self.host = logits.cpu()
+
+    def result(self) -> BatchResult:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return BatchResult(self.host.float(), self.positions, self.failures)
+
+
 def run_files(predictor: Predictor, paths: list[str], *, crops: int = 10, batch: int = 64,
               workers: int | None = None, progress: bool = False, preprocess: str = "auto") -> PipelineResult:
     """Predict every file in `paths` (crop-averaged logits), recording the ones that cannot be used.
 
-    preprocess "auto": host on the CPU; on CUDA, device-jpeg when nvJPEG works here, else device.
+    Everything is kept until the end (evaluation and benchmarks need all the logits at once); to
+    write results as they come, iterate a FileStream instead.
     """
-    if preprocess not in PREPROCESS_MODES:
-        raise InputError(f"preprocess must be one of {', '.join(PREPROCESS_MODES)}, got {preprocess!r}")
-    if batch < 1:
-        raise InputError(f"batch must be at least 1, got {batch}")
-    on_cuda = predictor.device.startswith("cuda")
-    if preprocess == "auto":
-        preprocess = "host" if not on_cuda else ("device-jpeg" if nvjpeg_works(predictor.device) else "device")
-    paths = list(paths)
-    dataset = _FileDataset(paths, predictor.spec, resize=preprocess == "host",
-                           raw_jpegs=preprocess == "device-jpeg")
-    loader = DataLoader(dataset, batch_size=batch, num_workers=default_workers() if workers is None else workers,
-                        collate_fn=_Collate(resized=preprocess == "host"), pin_memory=on_cuda)
-    assemble = _DeviceBatch(predictor.spec, predictor.device, paths)
+    stream = FileStream(predictor, paths, crops=crops, batch=batch, workers=workers, progress=progress,
+                        preprocess=preprocess)
     outputs, positions, failures = [], [], []
     start = time.perf_counter()
-    with tqdm(total=len(dataset), unit="img", disable=not progress, leave=False) as bar:
-        for file_batch in loader:
-            failures.extend(file_batch.failures)
-            if preprocess == "host":
-                images, ready = file_batch.images, file_batch.image_positions
-            else:
-                images, ready, decode_failures = assemble(file_batch)
-                failures.extend(decode_failures)
-            if ready:
-                # Logits stay on the device until the end: no per-batch synchronisation.
-                outputs.append(predictor.device_logits_from_images(images, crops))
-                positions.extend(ready)
-            bar.update(len(file_batch.failures) + len(file_batch.image_positions) + len(file_batch.decoded)
-                       + len(file_batch.jpegs))
-    logits = torch.cat(outputs).cpu() if outputs else torch.empty(0, len(predictor.classes))
+    for part in stream:
+        outputs.append(part.logits)
+        positions.extend(part.positions)
+        failures.extend(part.failures)
+    logits = torch.cat(outputs) if outputs else torch.empty(0, len(predictor.classes))
     seconds = time.perf_counter() - start
-    return PipelineResult(logits, positions, sorted(failures), seconds, preprocess)
+    return PipelineResult(logits, positions, sorted(failures), seconds, stream.preprocess)
 
 
 class _DeviceBatch:

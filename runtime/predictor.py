@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from common.errors import UserError
-from data.crops import DENSE, TEN, crop_mode
-from data.spec import PreprocessSpec
+from cnnbench.common.errors import UserError
+from cnnbench.data.crops import DENSE, TEN, crop_mode
+from cnnbench.data.spec import PreprocessSpec
 
 
 class BackendError(UserError, RuntimeError):
@@ -50,6 +50,12 @@ class Predictor:
         self.record = record or {}  # a checkpoint's training record (it names the split file)
         self.manifest: dict | None = None  # an export's verified manifest
         self.name = "-".join([self.backend, precision, *tags, device.split(":")[0]])
+
+    @property
+    def units_precision(self) -> str:
+        """The precision of the matrix units this predictor computes with (bench's %peak divides by
+        their measured peak): its precision, unless the backend computes in another (OpenVINO)."""
+        return self.precision
 
     @property
     def ten_crop_in_graph(self) -> bool:

@@ -10,13 +10,20 @@ def render_evaluation(r: dict) -> str:
     return "\n".join(lines)
 
 
+def render_prediction(item: dict) -> str:
+    """One file's line: its top classes with their probabilities, or its error."""
+    if "error" in item:
+        return f"{item['path']}: ERROR {item['error']}"
+    top = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in item["top"])
+    return f"{item['path']}: {top}"
+
+
 def render_predictions(r: dict) -> str:
-    lines = []
-    for item in r["results"]:
-        if "error" in item:
-            lines.append(f"{item['path']}: ERROR {item['error']}")
-        else:
-            top = ", ".join(f"{t['class']} {100 * t['prob']:.1f}%" for t in item["top"])
-            lines.append(f"{item['path']}: {top}")
-    lines.append(f"{r['succeeded']} classified, {r['failed']} failed" + (f"; CSV {r['csv']}" if r.get("csv") else ""))
+    """The result lines held in the summary (none when they were streamed), then the counts."""
+    lines = [render_prediction(item) for item in r.get("results", [])]
+    counts = f"{r['succeeded']} classified, {r['failed']} failed"
+    if r.get("resumed"):
+        counts += f" ({r['resumed']} of them already in the file from an earlier run, not redone)"
+    written = [f"; {label} {r[key]}" for key, label in (("csv", "CSV"), ("jsonl", "JSON Lines")) if r.get(key)]
+    lines.append(counts + "".join(written))
     return "\n".join(lines)

@@ -7,10 +7,10 @@ import contextlib
 import torch
 from torch import Tensor, nn
 
-from common.device import ieee_fp32
-from common.errors import InputError
-from data.spec import PreprocessSpec
-from runtime.predictor import Predictor
+from cnnbench.common.device import ieee_fp32
+from cnnbench.common.errors import InputError
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.runtime.predictor import Predictor
 
 TORCH_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,7 +45,7 @@ class TorchPredictor(Predictor):
 
     def _forward_dense(self, images: Tensor) -> Tensor:
         if self._dense_module is None:
-            from models.dense import DenseTenCropModel
+            from cnnbench.models.dense import DenseTenCropModel
 
             dense = DenseTenCropModel(self.model, self.spec).eval()
             self._dense_module = _compile_model(dense, self._compile, self.device) if self._compiled else dense

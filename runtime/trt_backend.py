@@ -11,16 +11,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from data.spec import PreprocessSpec
-from export.manifest import graph_crops
-from runtime.predictor import BackendError, Predictor
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.export.manifest import graph_crops
+from cnnbench.runtime.predictor import BackendError, Predictor
 
 LOGITS = "logits"
 
 
 def tensorrt_problem() -> str | None:
     """Why the TensorRT backend cannot run here, or None when it can."""
-    from export.tensorrt import tensorrt_status
+    from cnnbench.export.tensorrt import tensorrt_status
 
     available, reason = tensorrt_status()
     return None if available else reason
@@ -30,8 +30,8 @@ class TensorRTPredictor(Predictor):
     backend = "tensorrt"
 
     def __init__(self, manifest: dict, *, source: str, device: str, precision: str):
-        from export.manifest import artifact_path, verified_bytes
-        from export.tensorrt import TensorRTEngine
+        from cnnbench.export.manifest import artifact_path, verified_bytes
+        from cnnbench.export.tensorrt import TensorRTEngine
 
         problem = tensorrt_problem()
         if problem:

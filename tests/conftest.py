@@ -16,18 +16,21 @@ def _isolated_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
-    """`python cli.py demo --quick` run once in a fresh working folder: (that folder, the --json summary).
+    """`python -m cnnbench demo --quick` run once in a fresh working folder holding the user's own packages
+    named like ours: (that folder, the --json summary).
 
-    Shared by the demo's tests and the README's command sequence, which continues in the same folder.
+    Shared by the demo's tests and the README's command sequence, which continues in the same folder as
+    after the README's full demo: hence --out runs/demo, not --quick's own default (runs/demo-quick).
     """
     import json
     import subprocess
     import sys
-    from pathlib import Path
+
+    from test_package import make_user_packages
 
     workdir = tmp_path_factory.mktemp("project")
-    cli = Path(__file__).resolve().parents[1] / "cli.py"
-    done = subprocess.run([sys.executable, str(cli), "demo", "--quick", "--json"], cwd=workdir,
+    make_user_packages(workdir)  # the user's own data/, models/, ...: `python -m` puts this folder first on sys.path
+    done = subprocess.run([sys.executable, "-m", "cnnbench", "demo", "--quick", "--out", "runs/demo", "--json"], cwd=workdir,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return workdir, json.loads(done.stdout)

@@ -14,13 +14,13 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
-from data.folder import scan_folder
-from data.images import load_rgb
-from data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, spec_for_crop
-from data.split import load_split, make_split, save_split
-from data.synth import synthesize
-from data.crops import eval_transform
-from models import create_model, load_checkpoint, save_checkpoint
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.images import load_rgb
+from cnnbench.data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, spec_for_crop
+from cnnbench.data.split import load_split, make_split, save_split
+from cnnbench.data.synth import synthesize
+from cnnbench.data.crops import eval_transform
+from cnnbench.models import create_model, load_checkpoint, save_checkpoint
 
 CROP = 32
 CLASSES = 4

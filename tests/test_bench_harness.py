@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.harness import (Budget, BatchTooLargeError, is_out_of_memory, measure, measure_batch, summarize)
-from bench.machine import PeakMemory, machine_info
-from bench.peak import peak_flops
+from cnnbench.bench.harness import (Budget, BatchTooLargeError, is_out_of_memory, measure, measure_batch, summarize)
+from cnnbench.bench.machine import PeakMemory, machine_info
+from cnnbench.bench.peak import peak_flops
+from cnnbench.runtime.openvino_backend import openvino_problem
 
 
 class FakeClock:
@@ -159,6 +160,8 @@ def test_peak_flops_and_machine_info():
     assert fp32["flops"] > 0 and math.isfinite(fp32["flops"])
     assert fp32["flops"] == max(fp32["candidates"].values()) and fp32["kernel"] in fp32["candidates"]
     assert {"torch.mm 1024x1024", "numpy.matmul 1024x1024"} <= set(fp32["candidates"])
+    if openvino_problem("cpu") is None:  # the units the openvino backend computes with, compiled as it compiles
+        assert "openvino MatMul (f32) 1024x1024" in fp32["candidates"]
     assert peak_flops("fp64", torch.device("cpu"))["flops"] is None
     info = machine_info(torch.device("cpu"))
     assert info["cpu_cores"] >= 1 and info["torch"] == torch.__version__ and info["gpu"] is None

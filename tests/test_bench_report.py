@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench.report import (CSV_COLUMNS, SCHEMA_VERSION, compare_rows, load_report, render_table, write_chart,
+from cnnbench.bench.report import (CSV_COLUMNS, SCHEMA_VERSION, compare_rows, load_report, render_table, write_chart,
                           write_csv)
 
 

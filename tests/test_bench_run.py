@@ -8,31 +8,37 @@ import numpy as np
 import pytest
 import torch
 
-import export
-import runtime
-from bench import render_table, run_bench
-from bench.report import CSV_COLUMNS
-from bench.costs import Costs
-from bench.run import _Session
-from bench.scores import Scores
-from bench.targets import BenchTarget, export_target, find_targets, plan_rows
-from common import accuracy_report
-from data.folder import scan_folder
-from data.images import load_rgb
-from data.spec import spec_for_crop
-from data.split import load_split, make_split, save_split
-from data.synth import synthesize
-from data.crops import eval_transform
-from models.checkpoint import save_checkpoint
-from models.complexity import model_flops
-from models.registry import create_model
+from cnnbench import export
+from cnnbench import runtime
+from cnnbench.bench import render_table, run_bench
+from cnnbench.bench.report import CSV_COLUMNS
+from cnnbench.bench.costs import Costs
+from cnnbench.bench.run import _Session
+from cnnbench.bench.scores import Scores
+from cnnbench.bench.targets import BenchTarget, export_target, find_targets, plan_rows
+from cnnbench.common import accuracy_report
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.images import load_rgb
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.split import load_split, make_split, save_split
+from cnnbench.data.synth import synthesize
+from cnnbench.data.crops import eval_transform
+from cnnbench.models.checkpoint import save_checkpoint
+from cnnbench.models.complexity import model_flops
+from cnnbench.models.registry import create_model
+from cnnbench.runtime import selection
+from cnnbench.runtime.openvino_backend import openvino_problem
+
+# OpenVINO is a dependency on x86-64 Linux; elsewhere its rows are skipped (and said so).
+OPENVINO = [] if openvino_problem("cpu") else ["openvino"]
 
 CLASSES, CROP = 3, 32
 ROW_FIELDS = {"target", "kind", "source", "backend", "precision", "variant", "device", "mode", "batch",
               "crops_per_image", "images_per_s", "crops_per_s", "p50_ms", "p90_ms", "p99_ms", "mean_ms",
               "stddev_ms", "cv", "unstable", "iterations", "warmup", "host_peak_rss_mib", "cuda_max_allocated_mib",
               "flops_per_image", "achieved_flops_per_s", "peak_flops_per_s", "peak_fraction", "eval_images", "top1",
-              "top5", "agreement_top1", "reference", "speedup", "error"}
+              "top5", "agreement_top1", "reference", "gates_passed", "gate_failures", "gate_reference", "speedup",
+              "error"}
 
 
 def _checkpoint(path, split_path, classes, seed, record_split=True):
@@ -48,8 +54,8 @@ def quick_and_steady(monkeypatch):
     """Small matmuls for the peak (these tests check the bookkeeping; test_bench_harness the peak itself),
     and one intra-op thread: on a shared 2-core machine, OpenMP threads waiting on a descheduled peer
     turn a millisecond forward into seconds."""
-    monkeypatch.setattr("bench.peak._SIDES", {"cpu": (256,), "cuda": (1024,)})
-    monkeypatch.setattr("bench.peak._SECONDS_PER_KERNEL", {"cpu": 0.02, "cuda": 0.02})
+    monkeypatch.setattr("cnnbench.bench.peak._SIDES", {"cpu": (256,), "cuda": (1024,)})
+    monkeypatch.setattr("cnnbench.bench.peak._SECONDS_PER_KERNEL", {"cpu": 0.02, "cuda": 0.02})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -85,8 +91,8 @@ def test_run_bench_rows_files_and_compare(workspace):
                       workers=1, **dirs)
     assert first["ok"], [r["error"] for r in first["rows"]]
     rows = first["rows"]
-    assert [(r["backend"], r["mode"]) for r in rows] == [
-        ("torch", "compute"), ("onnxruntime", "compute"), ("torch", "end-to-end"), ("onnxruntime", "end-to-end")]
+    backends = ["torch", "onnxruntime", *OPENVINO]
+    assert [(r["backend"], r["mode"]) for r in rows] == [(b, m) for m in ("compute", "end-to-end") for b in backends]
     flops = 10 * model_flops(workspace["model"], CROP)
     expected = _independent_ten_crop_accuracy(workspace["model"], workspace["split"])
     baseline = {r["mode"]: r for r in rows if r["backend"] == "torch"}
@@ -104,11 +110,24 @@ def test_run_bench_rows_files_and_compare(workspace):
         assert row["eval_images"] == len(load_split(workspace["split"]).test)
         assert row["top1"] == pytest.approx(expected["top1"]) and row["top5"] == pytest.approx(expected["top5"])
         assert row["agreement_top1"] == 100.0 and row["reference"] == "torch fp32 eager, exact ten crops"
+        # Every fp32 row passes the fp32 parity gates against the same reference.
+        assert row["gates_passed"] is True and row["gate_failures"] is None and row["max_abs_diff"] <= 1e-3
+        assert row["gate_reference"] == row["reference"] and row["peak_precision"] == "fp32"
+        assert row["variant"] == ("eager" if row["backend"] == "torch" else "onnx")
         assert row["speedup"] == pytest.approx(row["images_per_s"] / baseline[row["mode"]]["images_per_s"])
-    for row in rows[2:]:
-        assert row["preprocess"] == "host"
+    for row in rows[len(backends):]:
+        assert row["mode"] == "end-to-end" and row["preprocess"] == "host"
         assert row["stage_model_ms"] + row["stage_input_wait_ms"] == pytest.approx(row["mean_ms"], rel=1e-6)
         assert row["stage_decode_ms"] > 0 and row["stage_resize_ms"] > 0
+
+    # What --backend auto reads: the export's fastest verified fp32 compute row, beside its manifest.
+    export_rows = [r for r in rows if r["backend"] != "torch" and r["mode"] == "compute"]
+    fastest = max(export_rows, key=lambda r: r["images_per_s"])["backend"]
+    assert {k: v for k, v in first["backend_choices"]["tiny"].items() if k != "record"} == {"fp32": fastest}
+    manifest = export.load_manifest(root / "export" / "tiny")
+    assert selection.recorded_choice(manifest, "cpu", "fp32") == fastest
+    assert runtime.load(root / "export" / "tiny", device="cpu").backend == fastest
+    assert "--backend auto on this machine" in render_table(first)
 
     with open(first["json"], encoding="utf-8") as f:
         saved = json.load(f)
@@ -134,15 +153,24 @@ def test_run_bench_rows_files_and_compare(workspace):
     assert "tiny" in text and "compared with" in text and "fp16" in text
 
 
-def test_default_plan_has_the_reference_its_fast_variant_and_every_artifact(workspace):
+def test_default_plan_has_the_reference_its_fast_variant_and_every_artifact(workspace, monkeypatch):
     root = workspace["root"]
     models = find_targets(None, str(root / "train"), str(root / "export"))
     assert [m.kind for m in models] == ["checkpoint", "single"]
+    monkeypatch.setattr("cnnbench.runtime.openvino_backend.cpu_has_fast_bf16", lambda: False)
     rows, skipped = plan_rows(models, "cpu")
+    openvino = [(b, p, "onnx") for b in OPENVINO for p in ("fp32", "fp16")]
     assert [(r.backend, r.precision, r.variant) for r in rows] == [
         ("torch", "fp32", "eager"), ("torch", "bf16", "channels_last"),
-        ("onnxruntime", "fp32", "onnx"), ("onnxruntime", "fp16", "onnx")]
+        ("onnxruntime", "fp32", "onnx"), ("onnxruntime", "fp16", "onnx"), *openvino]
     assert rows[0].is_baseline and not rows[1].is_baseline and skipped == []
+    if OPENVINO:
+        # Where the CPU has bf16 units, OpenVINO also runs the fp32 graph in bf16; never on CUDA.
+        monkeypatch.setattr("cnnbench.runtime.openvino_backend.cpu_has_fast_bf16", lambda: True)
+        rows, _ = plan_rows(models, "cpu", backends=["openvino"])
+        assert [(r.precision, r.variant) for r in rows] == [("fp32", "onnx"), ("bf16", "onnx"), ("fp16", "onnx")]
+        rows, skipped = plan_rows(models, "cuda", backends=["openvino"])
+        assert rows == [] and [s for s in skipped if "openvino" in s and "CPU only" in s]
     # A bare name finds both the run and the export of that name.
     assert [m.kind for m in find_targets(["tiny"], str(root / "train"), str(root / "export"))] == ["checkpoint", "single"]
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
@@ -188,10 +216,12 @@ def test_export_whose_checkpoint_is_gone_is_checked_against_its_fp32_graph(works
     assert model.sources == () and "no longer exists" in model.missing_sources[0]
     result = run_bench([str(copy)], batch=2, iters=1, warmup=0, data=workspace["root"] / "data",
                        precisions=["fp32"], out=str(tmp_path / "b.json"), progress=False)
-    (row,) = result["rows"]
-    assert row["error"] is None and row["reference"].startswith("fp32 ONNX")
-    assert row["agreement_top1"] == 100.0 and row["speedup"] is None and row["flops_per_image"] is None
-    assert row["top1"] is not None  # --data gave labelled images
+    assert [row["backend"] for row in result["rows"]] == ["onnxruntime", *OPENVINO]
+    for row in result["rows"]:
+        assert row["error"] is None and row["reference"].startswith("fp32 ONNX")
+        assert row["agreement_top1"] == 100.0 and row["speedup"] is None and row["flops_per_image"] is None
+        assert row["top1"] is not None  # --data gave labelled images
+        assert row["gates_passed"] is True and row["gate_reference"] == row["reference"]
     # Without --data, the test split the export's parity check read is still found.
     result = run_bench([str(copy)], batch=2, iters=1, warmup=0, precisions=["fp32"], out=str(tmp_path / "c.json"),
                        progress=False)

@@ -4,9 +4,7 @@ import sys
 import click
 import pytest
 
-import cli
-
-
+from cnnbench import cli
 def _run(monkeypatch, *argv):
     monkeypatch.setattr(sys, "argv", ["cnnbench", *argv])
     cli.main()
@@ -23,8 +21,8 @@ def test_a_user_error_is_one_line_and_exit_code_2(monkeypatch, tmp_path, capsys)
 @pytest.mark.parametrize("bug", [ValueError("an internal invariant broke"), OSError("a disk went away")])
 def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path, bug):
     """ValueError and OSError raised by the program itself are not the user's mistake: they propagate."""
-    import data.check
-
+    from cnnbench import data
+    import cnnbench.data.check  # noqa: F401  (loads the submodule)
     def broken(*args, **kwargs):
         raise bug
 
@@ -42,10 +40,10 @@ def _commands(group: click.Group, prefix=""):
 
 
 def test_every_held_out_data_option_says_the_same():
-    """eval, export, validate, bench and gradcam pick held-out images with one function: one help text."""
+    """eval, export, validate, bench, mlperf and gradcam pick held-out images with one function: one help text."""
     helps = {name: next(p.help for p in command.params if p.name == "data")
              for name, command in _commands(cli.cli) if name != "train" and any(p.name == "data" for p in command.params)}
-    assert set(helps) == {"eval", "export", "validate", "bench", "gradcam"}
+    assert set(helps) == {"eval", "export", "validate", "bench", "mlperf", "gradcam"}
     assert len(set(helps.values())) == 1, helps
     assert "seed-0 split" in helps["eval"] and "test part" in helps["eval"]
 

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from common.device import default_workers, ieee_fp32, resolve_device
-from common.errors import UserError
-from export.parity import reference_logits
-from models import create_model
+from cnnbench.common.device import default_workers, ieee_fp32, resolve_device
+from cnnbench.common.errors import UserError
+from cnnbench.export.parity import reference_logits
+from cnnbench.models import create_model
 
 
 def _tf32_state():

@@ -3,7 +3,7 @@ import json
 
 from PIL import Image
 
-from data.check import check_folder, render_check, synth_command
+from cnnbench.data.check import check_folder, render_check, synth_command
 
 
 def _folder(tmp_path):

@@ -3,10 +3,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from data.dataset import BadImage, ImageDataset, collate_skip_bad
-from data.folder import Sample
-from data.spec import spec_for_crop
-from data.crops import eval_transform
+from cnnbench.data.dataset import BadImage, ImageDataset, collate_skip_bad
+from cnnbench.data.folder import Sample
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.crops import eval_transform
 
 
 def _samples(tmp_path):

@@ -4,8 +4,8 @@ import os
 import pytest
 from PIL import Image
 
-from data.folder import scan_folder
-from data.images import ImageError, load_rgb
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.images import ImageError, load_rgb
 
 
 def _jpeg(path, mode="RGB", colour=(120, 60, 30)):

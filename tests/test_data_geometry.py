@@ -4,8 +4,8 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from data.geometry import CropBox, center_crop_box, ten_crop, ten_crop_boxes
-from data.spec import HALF, IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, spec_for_crop
+from cnnbench.data.geometry import CropBox, center_crop_box, ten_crop, ten_crop_boxes
+from cnnbench.data.spec import HALF, IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, spec_for_crop
 
 # (resize, crop): even and odd margins, including the ones where Python's round-half-to-even
 # matters (margin 1 -> offset 0, margin 3 -> 2, margin 5 -> 2, margin 9 -> 4) and crop == resize.

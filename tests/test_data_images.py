@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data.images as images
-from data.images import ImageError, load_rgb, load_rgb_with_mode
+import cnnbench.data.images as images
+from cnnbench.data.images import ImageError, load_rgb, load_rgb_with_mode
 
 
 def _save(img, path, **kwargs):

@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
-from data.folder import FolderIndex, Sample
-from data.split import load_split, make_split, save_split, spread_evenly
+from cnnbench.data.folder import FolderIndex, Sample
+from cnnbench.data.split import load_split, make_split, save_split, spread_evenly
 
 CLASS_SIZES = {"001.a": 50, "002.b": 10, "003.c": 7, "004.d": 2, "005.e": 1}
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data.synth as synth
-from data.folder import scan_folder
-from data.spec import spec_for_crop
-from data.synth import (MAX_CLASSES, class_folder_names, default_data_root, embedded_crop, mask_path,
+import cnnbench.data.synth as synth
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.synth import (MAX_CLASSES, class_folder_names, default_data_root, embedded_crop, mask_path,
                         synthesize)
 
 SIZE = 48

@@ -7,9 +7,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from data.spec import HALF, IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from data.crops import eval_transform
-from data.transforms import normalize, resize_uint8, train_transform
+from cnnbench.data.spec import HALF, IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from cnnbench.data.crops import eval_transform
+from cnnbench.data.transforms import normalize, resize_uint8, train_transform
 
 SPECS = [
     PreprocessSpec(73, 64, IMAGENET_MEAN, IMAGENET_STD),

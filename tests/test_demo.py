@@ -1,11 +1,12 @@
 """The main job end to end: `demo --quick` on the small embedded set, and its report in a real browser."""
 import base64
+import os
 import re
 import shutil
 
 import pytest
 
-from common.device import side_by_side_threads
+from cnnbench.common.device import TRAIN_PRECISION_ENV, side_by_side_threads
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -20,6 +21,10 @@ def test_demo_runs_every_stage_and_fills_the_report(demo_run):
     result, out = demo_run
     assert result["ok"]
     assert set(result["training"]) == {"resnet26", "xception_medium"}
+    forced = os.environ.get(TRAIN_PRECISION_ENV)  # CI's forced runs: the demo's trainers obey it too
+    for arch, run in result["training"].items():
+        assert run["precision"] == (forced or run["precision"]) and run["parts"][-1]["precision"] == run["precision"]
+        assert run["best_epoch"] is not None and run["seconds"] > 0, arch
     if side_by_side_threads(2):  # a CPU with two cores or more: the two runs train at once
         assert "train resnet26 and xception_medium side by side" in [s["step"] for s in result["steps"]]
     assert set(result["accuracy"]) == {"resnet26", "xception_medium", "ensemble"}
@@ -33,6 +38,8 @@ def test_demo_runs_every_stage_and_fills_the_report(demo_run):
     for heading in ("Accuracy", "Training curves", "Export parity", "Benchmark", "Grad-CAM", "Reproduce"):
         assert f"## {heading}" in markdown, heading
     assert "nan" not in markdown.lower().replace("nanoseconds", "")
+    for arch, run in result["training"].items():  # each training curve's caption names its precision
+        assert f"{arch}: {run['epochs']} epochs in {run['precision']}, best val top-1" in markdown, arch
     assert markdown.count("pointing game") == 2 and markdown.count("The ceiling, an ideal") == 2  # one per model
     for arch in ("resnet26", "xception_medium", "ensemble"):
         assert re.search(rf"^\| {arch} \| [\d.]+M \| [\d.]+% ", markdown, re.M), arch

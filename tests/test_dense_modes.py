@@ -11,21 +11,21 @@ import numpy as np
 import pytest
 import torch
 
-import cli
-import export
-import runtime
-from bench.run import run_bench
-from common.errors import UserError
-from data.crops import CROP_MODES, DENSE, TEN, TEN_CROP_PLACES, crop_mode, eval_transform
-from data.images import load_rgb
-from data.transforms import normalize, resize_uint8
-from export.manifest import graph_crops
-from gradcam import gradcam_images, validate_export
-from gradcam.exported import ExportedCam, pearson
-from gradcam.tencrop import image_cam
-from models import TenCropModel, default_spec, load_checkpoint
-from models.dense import DenseGeometryError, DenseTenCropModel
-from runtime.predictor import BackendError
+from cnnbench import cli
+from cnnbench import export
+from cnnbench import runtime
+from cnnbench.bench.run import run_bench
+from cnnbench.common.errors import UserError
+from cnnbench.data.crops import CROP_MODES, DENSE, TEN, TEN_CROP_PLACES, crop_mode, eval_transform
+from cnnbench.data.images import load_rgb
+from cnnbench.data.transforms import normalize, resize_uint8
+from cnnbench.export.manifest import graph_crops
+from cnnbench.gradcam import gradcam_images, validate_export
+from cnnbench.gradcam.exported import ExportedCam, pearson
+from cnnbench.gradcam.tencrop import image_cam
+from cnnbench.models import TenCropModel, default_spec, load_checkpoint
+from cnnbench.models.dense import DenseGeometryError, DenseTenCropModel
+from cnnbench.runtime.predictor import BackendError
 from runtime_testlib import DENSE_SPEC, held_out_images, tiny_run
 
 
@@ -191,6 +191,7 @@ def test_exported_dense_cam_and_validate_report_the_exact_ten_crop_map(dense_run
 def test_bench_dense_rows_agree_against_the_exact_ten_crops(dense_run, dense_export, images, tmp_path):
     result = run_bench([dense_run["checkpoint"], dense_export["export_dir"]], batch=2, iters=1, warmup=1,
                        precisions=["fp32", "int8"], crops=["10", "dense"], threads=1, progress=False,
+                       backends=["torch", "onnxruntime"],  # OpenVINO's dense rows: test_runtime_openvino.py
                        out=str(tmp_path / "bench.json"))
     assert result["ok"], [r["error"] for r in result["rows"]]
     rows = {(r["backend"], r["precision"], r["variant"]): r for r in result["rows"]}
@@ -209,7 +210,7 @@ def test_bench_dense_rows_agree_against_the_exact_ten_crops(dense_run, dense_exp
         assert row["speedup_vs"].endswith("torch fp32 eager")  # every row against the exact ten crops' eager row
     assert rows[("torch", "fp32", "eager")]["speedup"] == 1.0
     # a dense row costs the trunk on image and mirror (96 px) plus the centre crop and its mirror (64 px)
-    from models.complexity import model_flops
+    from cnnbench.models.complexity import model_flops
     assert rows[("torch", "fp32", "eager+dense")]["flops_per_image"] == 2 * model_flops(model, 96) + 2 * model_flops(
         model, 64)
 
@@ -218,7 +219,7 @@ def test_train_resize_is_the_checkpoint_spec():
     spec = default_spec("resnet26", crop=96, resize=128)
     assert (spec.resize, spec.crop) == (128, 96)
     assert default_spec("resnet26", crop=96).resize == 110  # the 256/224 ratio by default
-    from train.loop import TrainConfig, _resolve_spec
+    from cnnbench.train.loop import TrainConfig, _resolve_spec
     assert _resolve_spec(TrainConfig(arch="resnet26", image_size=96, resize=128)) == spec
 
 
@@ -233,8 +234,8 @@ def test_dense_centre_choice_is_exported_and_gated_against_the_same_choice(dense
         expected = DenseTenCropModel(model.eval(), DENSE_SPEC, centre="interpolate")(resized)
     got = runtime.load(manifest["export_dir"], backend="onnxruntime", device="cpu").logits_from_images(resized, "dense")
     assert (got - expected).abs().max() <= 1e-3
-    from bench.targets import export_target, plan_rows
-    plans, _ = plan_rows([export_target(manifest["export_dir"])], "cpu", precisions=["fp32"])
+    from cnnbench.bench.targets import export_target, plan_rows
+    plans, _ = plan_rows([export_target(manifest["export_dir"])], "cpu", backends=["onnxruntime"], precisions=["fp32"])
     assert [(p.variant, p.crops) for p in plans] == [("onnx+dense-interpolate", "dense")]  # told apart from "pass"
     with pytest.raises(export.ExportError, match="dense_centre must be one of pass, interpolate, drop"):
         export.export_checkpoints([dense_run["checkpoint"]], ten_crop="dense", dense_centre="skip", tensorrt="off",
@@ -250,7 +251,7 @@ def test_export_ten_crop_flag_and_its_old_alias(monkeypatch, capsys, dense_run):
 
 
 def test_errors_gallery_in_dense_mode_scores_the_dense_maps_in_the_pointing_game(dense_run, tmp_path):
-    from gradcam import errors_gallery
+    from cnnbench.gradcam import errors_gallery
 
     report = errors_gallery(dense_run["checkpoint"], crops="dense", limit=2, out=tmp_path / "gallery", progress=False)
     assert report["ok"] and report["crops"] == "dense"
@@ -265,9 +266,9 @@ def test_errors_gallery_in_dense_mode_scores_the_dense_maps_in_the_pointing_game
 def test_bench_counts_the_flops_of_the_exports_own_centre_handling(dense_run):
     """An interpolated-centre export runs the trunk twice (image and mirror) and nothing more: its
     %peak must not be computed with the centre pass's FLOPs (it read 131 % of the fp32 peak before)."""
-    from bench.costs import Costs
-    from bench.targets import BenchTarget
-    from models.complexity import model_flops
+    from cnnbench.bench.costs import Costs
+    from cnnbench.bench.targets import BenchTarget
+    from cnnbench.models.complexity import model_flops
 
     model, _ = load_checkpoint(dense_run["checkpoint"])
     costs = Costs("cpu", progress=False)

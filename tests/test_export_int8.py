@@ -16,12 +16,12 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import runtime
-from data.split import load_split
-from export import ExportError, export_checkpoints, load_manifest
-from export.int8 import calibration_samples, fp32_nodes
-from export.parity import apply_gates
-from models import load_checkpoint
+from cnnbench import runtime
+from cnnbench.data.split import load_split
+from cnnbench.export import ExportError, export_checkpoints, load_manifest
+from cnnbench.export.int8 import calibration_samples, fp32_nodes
+from cnnbench.export.parity import apply_gates
+from cnnbench.models import load_checkpoint
 from runtime_testlib import held_out_images, tiny_run
 
 

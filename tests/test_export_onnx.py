@@ -8,17 +8,17 @@ import torch
 import torchvision.transforms as T
 from onnx import TensorProto, helper, numpy_helper
 
-from data.folder import scan_folder
-from data.spec import spec_for_crop
-from data.synth import synthesize
-from data.transforms import normalize
-from export import ExportError, ParityError, export_onnx, format_parity_table, make_ort_session, run_parity
-from export.fp16 import convert_to_fp16
-from export.onnx_export import check_graph
-from export.ort import logits_runner
-from export.parity import apply_gates, check_parity, compare_logits
-from export.pipeline import load_parity_images
-from models import Ensemble, TenCropModel, create_model, list_models
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.synth import synthesize
+from cnnbench.data.transforms import normalize
+from cnnbench.export import ExportError, ParityError, export_onnx, format_parity_table, make_ort_session, run_parity
+from cnnbench.export.fp16 import convert_to_fp16
+from cnnbench.export.onnx_export import check_graph
+from cnnbench.export.ort import logits_runner
+from cnnbench.export.parity import apply_gates, check_parity, compare_logits
+from cnnbench.export.pipeline import load_parity_images
+from cnnbench.models import Ensemble, TenCropModel, create_model, list_models
 
 SPEC = spec_for_crop(48)  # resize 55: odd margins, so mirrored crops are not the unmirrored ones
 CLASSES = 8
@@ -242,6 +242,19 @@ def test_top5_agreement_compares_sets_and_nan_logits_fail_every_gate():
     assert not report["passed"] and report["top1_agreement"] is None
     with pytest.raises(ParityError, match="top1_agreement is not finite"):
         check_parity(report, "x")
+
+
+def test_top5_agreement_skips_near_tied_boundaries_but_not_decisive_ones():
+    reference = np.tile(np.arange(8, 0, -1, dtype=np.float64), (4, 1))  # classes 1 logit apart
+    reference[0, 5] = reference[0, 4] - 0.01  # image 0: its 5th and 6th classes are near-tied
+    exported = reference.copy()
+    exported[0, [4, 5]] = exported[0, [5, 4]]  # rounding flips that near-tie: not counted
+    metrics = compare_logits(reference, exported)
+    assert metrics["top5_images"] == 3 and metrics["top5_agreement"] == 1.0
+    exported[1, [4, 5]] = exported[1, [5, 4]]  # a flip across a 1-logit margin is a real error
+    metrics = compare_logits(reference, exported)
+    assert metrics["top5_agreement"] == pytest.approx(2 / 3)
+    assert not apply_gates(metrics, "fp16")["gates"]["top5_agreement"]["passed"]
 
 
 def test_parity_table_lists_each_artifact_with_its_verdict():

@@ -10,16 +10,18 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import export.pipeline
-from common import sha256_file
-from data.folder import scan_folder
-from data.spec import spec_for_crop
-from data.split import make_split, save_split
-from data.synth import synthesize
-from export import (ExportError, artifact_path, export_checkpoints, format_parity_table, load_cam_weights,
+from cnnbench import export
+
+import cnnbench.export.pipeline  # noqa: F401  (loads the submodule)
+from cnnbench.common import sha256_file
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.split import make_split, save_split
+from cnnbench.data.synth import synthesize
+from cnnbench.export import (ExportError, artifact_path, export_checkpoints, format_parity_table, load_cam_weights,
                     load_manifest, make_ort_session)
-from export.manifest import verified_bytes
-from models import create_model, load_checkpoint, save_checkpoint
+from cnnbench.export.manifest import verified_bytes
+from cnnbench.models import create_model, load_checkpoint, save_checkpoint
 
 SPEC = spec_for_crop(48)
 ARCHS = {"r18": "resnet18", "xs": "xception_small"}

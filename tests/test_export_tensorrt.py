@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import export.tensorrt as trt_module
-from export import ExportError, export_checkpoints, tensorrt_status
-from export.tensorrt import (TensorRTEngine, _attach_timing_cache, _network_flags, build_tensorrt_engine,
+import cnnbench.export.tensorrt as trt_module
+from cnnbench.export import ExportError, export_checkpoints, tensorrt_status
+from cnnbench.export.tensorrt import (TensorRTEngine, _attach_timing_cache, _network_flags, build_tensorrt_engine,
                              profile_shapes, resolve_mode)
 from runtime_testlib import tiny_run
 

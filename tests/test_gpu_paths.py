@@ -18,17 +18,17 @@ import onnxruntime
 import pytest
 import torch
 
-import export.pipeline as pipeline
-import export.tensorrt as trt_module
-from data.spec import spec_for_crop
-from data.transforms import normalize
-from export import ExportError, export_checkpoints, export_onnx
-from export.int8 import quantize_int8
-from export.ort import cuda_provider_problem, make_ort_session
-from export.tensorrt import TensorRTEngine, TensorRTError, aligned, build_tensorrt_engine, torch_dtype
-from export.trt_support import TensorRTSupportError, tensorrt_findings
-from models import create_model
-from runtime_testlib import tiny_run
+import cnnbench.export.pipeline as pipeline
+import cnnbench.export.tensorrt as trt_module
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.transforms import normalize
+from cnnbench.export import ExportError, export_checkpoints, export_onnx
+from cnnbench.export.int8 import quantize_int8
+from cnnbench.export.ort import cuda_provider_problem, make_ort_session
+from cnnbench.export.tensorrt import TensorRTEngine, TensorRTError, aligned, build_tensorrt_engine, torch_dtype
+from cnnbench.export.trt_support import TensorRTSupportError, tensorrt_findings
+from cnnbench.models import create_model
+from runtime_testlib import DENSE_SPEC, tiny_run
 
 SPEC = spec_for_crop(32)
 try:
@@ -318,8 +318,8 @@ def test_cuda_sessions_get_device_id_and_no_tf32(fp32_graph, session_spy, monkey
 
 
 def test_runtime_auto_falls_back_to_the_cpu_with_a_warning(monkeypatch, tmp_path_factory):
-    import runtime
-    import runtime.loader as loader
+    from cnnbench import runtime
+    import cnnbench.runtime.loader as loader
 
     run = tiny_run(tmp_path_factory.getbasetemp())
     out = tmp_path_factory.mktemp("auto-fallback")
@@ -327,7 +327,8 @@ def test_runtime_auto_falls_back_to_the_cpu_with_a_warning(monkeypatch, tmp_path
     folder = result["exports"][0]["export_dir"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU that onnxruntime cannot use
     monkeypatch.setattr(loader, "resolve_device", lambda device: "cuda" if device in ("auto", "cuda") else device)
-    import runtime.ort_backend
+    from cnnbench import runtime
+    import cnnbench.runtime.ort_backend  # noqa: F401  (loads the submodule)
     monkeypatch.setattr(runtime.ort_backend, "cuda_provider_problem", lambda index=0: "its CUDA libraries did not load")
     with pytest.warns(RuntimeWarning, match="onnxruntime runs this export on the CPU: its CUDA libraries did not load"):
         predictor = runtime.load(folder, backend="auto", device="auto")
@@ -416,6 +417,31 @@ def test_normalisation_constants_are_made_once_per_device(device, monkeypatch):
     normalize(images, spec)
     normalize(images, spec)
     assert len(made) == 4  # on the CPU they are plain constants (and traces keep their own)
+
+
+# --- Dense ten crops on CUDA ---------------------------------------------------------------------
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dense_ten_crops_run_on_cuda_as_on_the_cpu(tmp_path_factory):
+    from cnnbench import runtime
+    from cnnbench.common.device import ieee_fp32
+    from cnnbench.models.dense import DenseTenCropModel
+
+    run = tiny_run(tmp_path_factory.getbasetemp(), DENSE_SPEC)
+    images = torch.randint(0, 256, (3, 3, DENSE_SPEC.resize, DENSE_SPEC.resize), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    on_cpu = runtime.load(run["checkpoint"], backend="torch", device="cpu").logits_from_images(images, crops="dense")
+    # The torch backend wraps its model after moving it to the GPU (eval, predict, bench and gradcam all do this).
+    on_gpu = runtime.load(run["checkpoint"], backend="torch", device="cuda").logits_from_images(images, crops="dense")
+    torch.testing.assert_close(on_gpu, on_cpu, rtol=1e-4, atol=1e-4)
+    # A wrapper made first, then its model moved on its own: the windows follow the features.
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4, width_mult=0.125).eval()
+    dense = DenseTenCropModel(model, DENSE_SPEC).eval()
+    with torch.no_grad(), ieee_fp32():
+        expected = dense(images)
+        model.cuda()
+        torch.testing.assert_close(dense(images.cuda()).cpu(), expected, rtol=1e-4, atol=1e-4)
 
 
 # --- Packaging --------------------------------------------------------------------------------------

@@ -24,9 +24,9 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from data.spec import spec_for_crop
-from data.transforms import resize_uint8
-from runtime.pipeline import _torchvision_decode, nvjpeg_works, resize_on_device, run_files
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.transforms import resize_uint8
+from cnnbench.runtime.pipeline import _torchvision_decode, nvjpeg_works, resize_on_device, run_files
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -74,7 +74,7 @@ def test_nvjpeg_decode_is_within_the_idct_bound_of_pil():
 
 
 def test_gpu_preprocessing_keeps_every_decision(tmp_path_factory):
-    import runtime
+    from cnnbench import runtime
     from runtime_testlib import held_out_images, tiny_run
 
     run = tiny_run(tmp_path_factory.getbasetemp())

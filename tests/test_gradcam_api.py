@@ -8,19 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from data.folder import scan_folder
-from data.images import load_rgb
-from data.spec import spec_for_crop
-from data.split import make_split, save_split
-from data.synth import mask_path, synthesize
-from data.transforms import resize_uint8
-from gradcam import errors_gallery, gradcam_images
-from gradcam.panels import MapView, save_panel
-from gradcam.pointing import load_mask, peak_in_mask, peak_location, pointing_summary, to_original
-from gradcam.tencrop import image_cam, peak
-from models.checkpoint import load_checkpoint, save_checkpoint
-from models.registry import create_model
-from runtime import evaluate
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.images import load_rgb
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.split import make_split, save_split
+from cnnbench.data.synth import mask_path, synthesize
+from cnnbench.data.transforms import resize_uint8
+from cnnbench.gradcam import errors_gallery, gradcam_images
+from cnnbench.gradcam.panels import MapView, save_panel
+from cnnbench.gradcam.pointing import load_mask, peak_in_mask, peak_location, pointing_summary, to_original
+from cnnbench.gradcam.tencrop import image_cam, peak
+from cnnbench.models.checkpoint import load_checkpoint, save_checkpoint
+from cnnbench.models.registry import create_model
+from cnnbench.runtime import evaluate
 
 SPEC = spec_for_crop(64)
 
@@ -36,6 +36,9 @@ def run(tmp_path_factory):
     checkpoint = tmp / "runs" / "train" / "tiny" / "best.pt"
     save_checkpoint(checkpoint, model, arch="resnet18", classes=split.classes, spec=SPEC,
                     record={"split": str(tmp / "split.json"), "data": root})
+    # A finished run (common.runs): the commands given no model pick runs whose train.json is written.
+    (checkpoint.parent / "train.json").write_text(json.dumps({"arch": "resnet18", "data": str(root),
+                                                              "classes": split.classes, "spec": SPEC.to_dict()}))
     return {"tmp": tmp, "root": root, "split": split, "checkpoint": str(checkpoint)}
 
 
@@ -103,6 +106,24 @@ def test_gradcam_images_on_a_checkpoint(run, tmp_path):
         assert item["class"]["class"] == classes[2]
         with Image.open(item["panel"]) as png:
             assert png.format == "PNG"
+
+
+def test_gradcam_images_with_another_method_and_layer(run, tmp_path):
+    path = run["split"].test[0].path
+    result = gradcam_images([path], model=run["checkpoint"], out=tmp_path / "out", progress=False,
+                            method="hirescam", layer="last-1")
+    assert result["ok"], result
+    assert result["method"] == "HiResCAM at last-1 (layer3)"
+    model, _ = load_checkpoint(run["checkpoint"])
+    expected = image_cam(model, resize_uint8(load_rgb(path), SPEC)[None], SPEC, crops=10, method="hirescam",
+                         layer="layer3")
+    x, y = peak(expected.maps)[0]
+    img = load_rgb(path)
+    assert (result["results"][0]["peak"]["x"], result["results"][0]["peak"]["y"]) == to_original(
+        x, y, SPEC.resize, img.width, img.height)
+    dense = gradcam_images([path], model=run["checkpoint"], crops="dense", layer="last-1", progress=False,
+                           out=tmp_path / "d")
+    assert not dense["ok"] and "dense maps exist at layer 'last' only" in dense["error"]
 
 
 def test_gradcam_images_input_errors_and_default_model(run, tmp_path, monkeypatch):

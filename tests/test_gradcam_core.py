@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from gradcam.core import ClassifierCAM, GradCAM, upsample
-from models.ensemble import Ensemble
-from models.registry import create_model
+from cnnbench.gradcam.core import ClassifierCAM, GradCAM, upsample
+from cnnbench.models.ensemble import Ensemble
+from cnnbench.models.registry import create_model
 
 
 class GapLinear(nn.Module):

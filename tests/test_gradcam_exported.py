@@ -6,19 +6,19 @@ import os
 import pytest
 import torch
 
-from common import read_json, sha256_file
-from data.folder import scan_folder
-from data.images import load_rgb
-from data.spec import spec_for_crop
-from data.split import make_split, save_split
-from data.synth import synthesize
-from data.transforms import resize_uint8
-from export import export_checkpoints, load_manifest
-from gradcam import gradcam_images, validate_export
-from gradcam.exported import ExportedCam, cam_gate_report, cam_parity, compare_maps, load_reference, pearson
-from gradcam.tencrop import image_cam
-from models.checkpoint import save_checkpoint
-from models.registry import create_model
+from cnnbench.common import read_json, sha256_file
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.images import load_rgb
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.split import make_split, save_split
+from cnnbench.data.synth import synthesize
+from cnnbench.data.transforms import resize_uint8
+from cnnbench.export import export_checkpoints, load_manifest
+from cnnbench.gradcam import gradcam_images, validate_export
+from cnnbench.gradcam.exported import ExportedCam, cam_gate_report, cam_parity, compare_maps, load_reference, pearson
+from cnnbench.gradcam.tencrop import image_cam
+from cnnbench.models.checkpoint import save_checkpoint
+from cnnbench.models.registry import create_model
 
 SPEC = spec_for_crop(64)  # 73 resize: 2x2 feature maps, so maps have structure
 
@@ -140,6 +140,16 @@ def test_gradcam_images_with_an_export(setup, tmp_path):
         assert 0 <= item["peak_distance_frac"] <= math.sqrt(2)
 
 
+def test_an_export_gives_its_last_layer_cam_only(setup, tmp_path):
+    path = setup["split"].test[0].path
+    for asked in ({"method": "layercam"}, {"layer": "last-1"}):
+        result = gradcam_images([path], model=setup["single"], out=tmp_path / "p", progress=False, **asked)
+        assert not result["ok"] and "needs a checkpoint" in result["error"]
+    named = gradcam_images([path], model=setup["single"], out=tmp_path / "p", progress=False, method="gradcam",
+                           layer="last")  # what its CAM is: accepted
+    assert named["ok"] and named["method"] == "CAM of the exported feature map"
+
+
 def test_gradcam_images_refuses_an_export_without_cam_output(setup, tmp_path):
     plain = export_checkpoints([setup["checkpoints"]["a"]], out=tmp_path / "plain", tensorrt="off",
                                parity_images=2, progress=False)["exports"][0]["export_dir"]
@@ -197,7 +207,7 @@ def test_validate_export_reports_bad_input(tmp_path):
 
 def test_validate_gates_the_cam_of_an_int8_export(tmp_path_factory):
     """An --int8 --cam-output export validates: its CAM has a gate like every other precision's."""
-    from export.parity import CAM_GATES
+    from cnnbench.export.parity import CAM_GATES
     from runtime_testlib import tiny_run
 
     run = tiny_run(tmp_path_factory.getbasetemp())

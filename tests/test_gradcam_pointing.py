@@ -1,8 +1,8 @@
 """The pointing game's ceiling: the best map a network with n x n last maps can give, hand-computed."""
 import numpy as np
 
-from data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from gradcam.pointing import ideal_map_hit
+from cnnbench.data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from cnnbench.gradcam.pointing import ideal_map_hit
 
 SPEC = PreprocessSpec(resize=64, crop=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # one crop = the whole image
 

@@ -4,10 +4,10 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
-from data.geometry import ten_crop_boxes
-from data.spec import PreprocessSpec
-from gradcam.tencrop import image_cam, image_cams, paste_back, peak
-from models.ensemble import Ensemble
+from cnnbench.data.geometry import ten_crop_boxes
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.gradcam.tencrop import image_cam, image_cams, paste_back, peak
+from cnnbench.models.ensemble import Ensemble
 
 # mean 0 / std 1: the model sees pixel / 255. resize 9, crop 6: odd margins, so the mirrored
 # centre crop (left 1) is not the centre crop (left 2) - a wrong un-mirroring cannot hide.

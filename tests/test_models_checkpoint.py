@@ -5,8 +5,8 @@ import pytest
 import timm
 import torch
 
-from data.spec import spec_for_crop
-from models import (
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.models import (
     FORMAT_VERSION, CheckpointError, create_model, default_spec, load_checkpoint, read_checkpoint_meta,
     save_checkpoint,
 )

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import Ensemble, count_parameters, create_model, model_flops
+from cnnbench.models import Ensemble, count_parameters, create_model, model_flops
 
 
 class _Tiny(nn.Module):

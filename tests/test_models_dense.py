@@ -1,3 +1,4 @@
+import copy
 import dataclasses
 
 import numpy as np
@@ -7,10 +8,10 @@ import torch
 import torchvision.transforms as T
 from torch import nn
 
-from data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from data.transforms import normalize
-from models import Ensemble, TenCropModel, create_model
-from models.dense import DenseGeometryError, DenseTenCropModel, dense_geometry
+from cnnbench.data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from cnnbench.data.transforms import normalize
+from cnnbench.models import Ensemble, TenCropModel, create_model
+from cnnbench.models.dense import DenseGeometryError, DenseTenCropModel, dense_geometry
 
 # Stride-32 trunks: crop 64 gives 2x2 maps, resize 96 gives 3x3; the corner offset is one cell and
 # the centre crop (offset 16 px) sits half a cell off the grid, as at the standard 256/224.
@@ -156,6 +157,17 @@ def test_every_architecture_runs_dense(arch):
     with torch.no_grad():
         logits = DenseTenCropModel(model, SPEC)(images)
     assert logits.shape == (3, 4) and logits.dtype == torch.float32 and torch.isfinite(logits).all()
+
+
+def test_window_weights_are_made_where_the_model_is_and_move_with_it(resnet):
+    # The torch backend wraps a model that is already on its device (a GPU): the windows must be there too.
+    on_meta = DenseTenCropModel(copy.deepcopy(resnet).to("meta"), SPEC)
+    assert {buffer.device.type for buffer in on_meta.buffers()} == {"meta"}
+    logits = on_meta(torch.empty(2, 3, SPEC.resize, SPEC.resize, device="meta"))
+    assert logits.device.type == "meta" and tuple(logits.shape) == (2, 5)
+    moved = DenseTenCropModel(copy.deepcopy(resnet), SPEC).to("meta", torch.float64)
+    windows = [b for name, b in moved.named_buffers() if name.startswith("_weights_")]
+    assert windows and {(b.device.type, b.dtype) for b in windows} == {("meta", torch.float64)}
 
 
 def test_ensemble_sums_its_members_and_returns_their_full_image_maps(resnet):

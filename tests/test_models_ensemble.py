@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models import Ensemble, create_model
+from cnnbench.models import Ensemble, create_model
 
 
 def _members():

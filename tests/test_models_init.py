@@ -1,7 +1,7 @@
 """Initialisation that keeps from-scratch training stable: every residual block starts as the identity."""
 import torch
 
-from models import create_model
+from cnnbench.models import create_model
 
 
 def test_resnet_blocks_start_as_identity():
@@ -19,7 +19,7 @@ def test_resnet_blocks_start_as_identity():
 
 
 def test_xception_residual_branches_start_at_zero():
-    from models.xception import Block
+    from cnnbench.models.xception import Block
 
     model = create_model("xception_small", num_classes=4, width_mult=0.25).eval()
     blocks = [m for m in model.modules() if isinstance(m, Block)]

@@ -3,8 +3,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from data.spec import spec_for_crop
-from models import Ensemble, TenCropModel, create_model
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.models import Ensemble, TenCropModel, create_model
 
 # xception_medium is the same module as xception_small with other widths.
 ARCHS = ("resnet18", "resnet26", "xception_small")

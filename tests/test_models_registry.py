@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from data.spec import HALF, IMAGENET_MEAN, IMAGENET_STD
-from models import create_model, default_spec, list_models
+from cnnbench.data.spec import HALF, IMAGENET_MEAN, IMAGENET_STD
+from cnnbench.models import create_model, default_spec, list_models
 
 ALL = ["resnet18", "resnet26", "xception_medium", "xception_pretrained", "xception_small"]
 SCALABLE = ["resnet18", "resnet26", "xception_small", "xception_medium"]

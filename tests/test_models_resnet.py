@@ -3,7 +3,7 @@ import timm
 import torch
 import torchvision
 
-from models import count_parameters, create_model
+from cnnbench.models import count_parameters, create_model
 
 
 def test_resnet26_parameter_count_equals_timm_exactly():

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision.transforms as T
 
-from data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from models import Ensemble, TenCropModel, create_model
+from cnnbench.data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from cnnbench.models import Ensemble, TenCropModel, create_model
 
 # Odd margins (37 - 32 = 5) exercise the centre-crop rounding and the mirrored-box arithmetic.
 SPEC = PreprocessSpec(resize=37, crop=32, mean=IMAGENET_MEAN, std=IMAGENET_STD)

@@ -5,7 +5,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from models import count_parameters, create_model
+from cnnbench.models import count_parameters, create_model
 
 
 def _randomise_batchnorm(model):

@@ -32,7 +32,11 @@ README = REPO / "README.md"
 # Appended to `python cli.py <command>`; the subcommand's first word picks the list.
 TINY_FLAGS = {
     "train": ["--epochs", "1", "--workers", "0", "--image-size", "64", "--width-mult", "0.125", "--batch-size", "16"],
-    "bench": ["--seconds", "0.1", "--warmup", "1", "--eval-images", "8"],
+    # `bench --batch 64` runs 640 crops per timed call through every row (emulated bf16 included): minutes.
+    "bench": ["--seconds", "0.1", "--warmup", "1", "--eval-images", "8", "--batch", "2"],
+    # MultiStream's 662 queries and Server's search take minutes with ten crops: tests/test_bench_mlperf.py runs them.
+    "mlperf": ["--crops", "1", "--scenario", "offline", "--scenario", "singlestream", "--seconds", "0.2",
+               "--images", "16", "--threads", "1"],
 }
 TINY_FLAGS_FINETUNE = ["--epochs", "1", "--workers", "0", "--image-size", "71"]  # one size: no --width-mult
 # Commands given no paths after the demo say which runs they picked (common.runs.newest_runs).
@@ -73,7 +77,7 @@ def test_readme_parser_sees_every_block():
 @pytest.fixture(scope="module")
 def stand_ins(quick_demo, tmp_path_factory):
     """Tiny versions of the user's files the README names, and the substitutions that point at them."""
-    from data import synth
+    from cnnbench.data import synth
 
     folder = tmp_path_factory.mktemp("readme-files")
     caltech = synth.default_data_root(quick=True, progress=False)  # Caltech-256 layout, 8 classes
@@ -115,8 +119,7 @@ def only_int8_gate_failed(args: list[str], output: str) -> bool:
 
 
 def test_every_readme_command_runs(quick_demo, stand_ins, monkeypatch):
-    import cli
-
+    from cnnbench import cli
     workdir, _ = quick_demo
     monkeypatch.chdir(workdir)
     if not (workdir / "cli.py").exists():  # `torchrun ... cli.py` names the script relative to the folder

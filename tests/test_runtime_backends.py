@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-import export
-import runtime
-from runtime.ort_backend import cuda_provider_problem
-from runtime.pipeline import run_files
-from runtime.trt_backend import tensorrt_problem
+from cnnbench import export
+from cnnbench import runtime
+from cnnbench.runtime.ort_backend import cuda_provider_problem
+from cnnbench.runtime.pipeline import run_files
+from cnnbench.runtime.trt_backend import tensorrt_problem
 from runtime_testlib import reference, run  # noqa: F401 (shared fixtures)
 
 UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
@@ -43,7 +43,7 @@ def exports(run, tmp_path_factory):
 
 
 def rounding_layers(checkpoint: str) -> int:
-    from models import load_checkpoint
+    from cnnbench.models import load_checkpoint
 
     model, _ = load_checkpoint(checkpoint)
     return sum(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) for m in model.modules())

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from runtime.cuda_check import CONFIGS, cuda_check, main
+from cnnbench.runtime.cuda_check import CONFIGS, cuda_check, main
 from runtime_testlib import tiny_run
 
 

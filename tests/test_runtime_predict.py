@@ -1,20 +1,26 @@
 """predict_files: a bad-input corpus mixed with good images, in one run; CSV; model discovery."""
 import csv
 import io
+import json
 import os
+import re
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import time
 import zlib
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from PIL import Image
 
-import runtime
-from data.images import MAX_PIXELS
-from runtime.pipeline import run_files
+from cnnbench import runtime
+from cnnbench.data.images import MAX_PIXELS
+from cnnbench.runtime.pipeline import run_files
 from runtime_testlib import held_out_images, tiny_run, torchvision_ten_crop_logits
 
 
@@ -91,10 +97,13 @@ def test_bad_input_corpus_in_one_run(run, tmp_path):
     order = [p for pair in zip(list(good.values()), [p for p, _ in bad.values()]) for p in pair]
     order += list(good.values())[len(bad):] + [str(locked), missing]
 
+    streamed = []
     result = runtime.predict_files(run["checkpoint"], order, backend="torch", device="cpu", batch=4, topk=3,
-                                   workers=2, csv=tmp_path / "out" / "predictions.csv", progress=False)
-    by_path = {r["path"]: r for r in result["results"]}
-    assert [r["path"] for r in result["results"]] == order
+                                   workers=2, csv=tmp_path / "out" / "predictions.csv", progress=False,
+                                   on_result=streamed.append)
+    assert "results" not in result  # they went to the file and the callback, not into memory
+    by_path = {r["path"]: r for r in streamed}
+    assert [r["path"] for r in streamed] == order
 
     reference = torchvision_ten_crop_logits(run["checkpoint"], list(good.values()))
     reference_probs = torch.softmax(reference.double(), dim=1)
@@ -161,12 +170,149 @@ def test_folders_are_searched_recursively_and_all_good_means_ok(run, tmp_path):
 
 def test_newest_trained_checkpoint_is_the_default_model(run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="no trained model found"):
+    with pytest.raises(FileNotFoundError, match="no finished trained model found"):
         runtime.predict_files(None, [held_out_images(run)[0][0]], device="cpu", progress=False)
-    for name in ("older", "newer"):
+    for name in ("finished_first", "finished_last", "still_training"):
         os.makedirs(f"runs/train/{name}")
         shutil.copy(run["checkpoint"], f"runs/train/{name}/best.pt")
+        if name != "still_training":
+            with open(f"runs/train/{name}/train.json", "w") as f:
+                json.dump({"data": run["data"], "classes": 4, "spec": None}, f)
     past = time.time() - 3600
-    os.utime("runs/train/older/best.pt", (past, past))
+    os.utime("runs/train/finished_first/train.json", (past, past))
+    os.utime("runs/train/finished_last/best.pt", (past, past))  # its last improvement was early on
     result = runtime.predict_files(None, [held_out_images(run)[0][0]], device="cpu", workers=0, progress=False)
-    assert result["model"] == os.path.join("runs", "train", "newer", "best.pt") and result["ok"]
+    assert result["model"] == os.path.join("runs", "train", "finished_last", "best.pt") and result["ok"]
+
+
+# --- Results written as they come; a killed run resumed ------------------------------------------
+
+class _Killed(Exception):
+    """Stands in for the process dying in the middle of a run."""
+
+
+def _inputs(run, tmp_path, copies=5) -> list[str]:
+    """Numbered copies of the held-out images (distinct paths), with an unreadable file among them."""
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    paths = []
+    for i, source in enumerate(held_out_images(run)[0][:copies] * 2):
+        paths.append(str(folder / f"{i:02d}.jpg"))
+        shutil.copy(source, paths[-1])
+    (folder / "03.jpg").write_bytes(b"not a JPEG")
+    return paths
+
+
+@pytest.mark.parametrize("output_format", ["csv", "jsonl"])
+def test_rows_are_on_disk_as_each_batch_ends_and_a_killed_run_resumes(run, tmp_path, output_format):
+    paths = _inputs(run, tmp_path)
+    options = dict(backend="torch", device="cpu", batch=4, topk=2, crops=1, workers=0, progress=False)
+    whole = tmp_path / f"whole.{output_format}"
+    runtime.predict_files(run["checkpoint"], paths, **options, **{output_format: whole})
+
+    resumed = tmp_path / f"resumed.{output_format}"
+    seen = []
+
+    def die_in_the_second_batch(result):
+        on_disk = resumed.read_text().splitlines()
+        assert any(result["path"] in line for line in on_disk)  # written (and flushed) before it is handed out
+        seen.append(result["path"])
+        if len(seen) == 6:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        runtime.predict_files(run["checkpoint"], paths, **options, **{output_format: resumed},
+                              on_result=die_in_the_second_batch)
+    redone = []
+    summary = runtime.predict_files(run["checkpoint"], paths, **options, **{output_format: resumed},
+                                    on_result=lambda r: redone.append(r["path"]))
+    assert redone == paths[8:]  # the two written batches are not redone
+    assert summary["resumed"] == 8 and summary["images"] == 10
+    assert (summary["succeeded"], summary["failed"], summary["ok"]) == (9, 1, False)
+    assert resumed.read_text() == whole.read_text()  # no row lost, none twice, the same order
+    again = runtime.predict_files(run["checkpoint"], paths, **options, **{output_format: resumed},
+                                  on_result=lambda r: pytest.fail(f"{r['path']} was done already"))
+    assert again["resumed"] == 10 and resumed.read_text() == whole.read_text()
+
+
+@pytest.mark.parametrize("output_format", ["csv", "jsonl"])
+def test_a_row_torn_by_a_crash_is_cut_off_and_redone(run, tmp_path, output_format):
+    paths = _inputs(run, tmp_path, copies=2)
+    options = dict(backend="torch", device="cpu", batch=3, topk=2, crops=1, workers=0, progress=False)
+    whole = tmp_path / f"whole.{output_format}"
+    runtime.predict_files(run["checkpoint"], paths, **options, **{output_format: whole})
+    lines = whole.read_text().splitlines(keepends=True)
+    rows_kept = 2
+    header = 1 if output_format == "csv" else 0
+    torn = tmp_path / f"torn.{output_format}"
+    torn.write_text("".join(lines[:header + rows_kept]) + lines[header + rows_kept][:12])  # no newline: cut mid-write
+    summary = runtime.predict_files(run["checkpoint"], paths, **options, **{output_format: torn})
+    assert summary["resumed"] == rows_kept and torn.read_text() == whole.read_text()
+
+
+def test_a_file_of_other_columns_is_refused_not_appended_to(run, tmp_path):
+    paths = _inputs(run, tmp_path, copies=2)
+    options = dict(backend="torch", device="cpu", crops=1, workers=0, progress=False)
+    out = tmp_path / "top2.csv"
+    runtime.predict_files(run["checkpoint"], paths, topk=2, csv=out, **options)
+    before = out.read_text()
+    with pytest.raises(ValueError, match=r"top2.csv is not a predictions file of this kind .*topk 3"):
+        runtime.predict_files(run["checkpoint"], paths, topk=3, csv=out, **options)
+    jsonl = tmp_path / "notes.jsonl"
+    jsonl.write_text('{"path": "a.jpg", "top": []}\n')
+    with pytest.raises(ValueError, match="line 1 is not a prediction row"):
+        runtime.predict_files(run["checkpoint"], paths, topk=2, jsonl=jsonl, **options)
+    with pytest.raises(ValueError, match="not both"):
+        runtime.predict_files(run["checkpoint"], paths, csv=out, jsonl=jsonl, **options)
+    assert out.read_text() == before
+
+
+def test_sigkill_mid_run_then_the_same_command_finishes_the_file(run, tmp_path):
+    """A real kill: the CLI in a child process, slowed to one batch a second, killed after two batches."""
+    paths = _inputs(run, tmp_path)
+    out = tmp_path / "killed.jsonl"
+    command = ["predict", *paths, "--model", run["checkpoint"], "--device", "cpu", "--crops", "1", "--topk", "2",
+               "--batch", "2", "--jsonl", str(out)]
+    slowed = ("import sys, time\n"
+              "from cnnbench.runtime import pipeline\n"
+              "iterate = pipeline.FileStream.__iter__\n"
+              "def slow(self):\n"
+              "    for part in iterate(self):\n"
+              "        yield part\n"
+              "        time.sleep(1)\n"
+              "pipeline.FileStream.__iter__ = slow\n"
+              "from cnnbench.cli import main\n"
+              "sys.argv = ['cli.py'] + sys.argv[1:]\n"
+              "main()\n")
+    child = subprocess.Popen([sys.executable, "-c", slowed, *command], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and child.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 4:
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    written = out.read_text().count("\n")
+    assert 4 <= written < len(paths), child.stderr.read().decode()[-2000:]
+
+    from cnnbench.cli import cli
+    result = CliRunner().invoke(cli, command + ["--json"], catch_exceptions=False)
+    summary = json.loads(result.stdout)
+    assert summary["resumed"] == written and summary["images"] == len(paths)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"] for r in rows] == paths  # every file once, in order
+    assert "not an image" in rows[3]["error"]
+
+
+def test_text_output_is_one_line_per_file_then_the_counts(run, tmp_path):
+    from cnnbench.cli import cli
+
+    paths = _inputs(run, tmp_path, copies=2)[:4]
+    result = CliRunner().invoke(cli, ["predict", *paths, "--model", run["checkpoint"], "--device", "cpu", "--crops",
+                                      "1", "--topk", "2"])
+    lines = result.stdout.splitlines()  # the progress bar goes to stderr
+    assert result.exit_code == 1 and len(lines) == 5
+    assert lines[3] == f"{paths[3]}: ERROR not an image file (format not recognised, or the header is damaged)"
+    assert all(re.fullmatch(rf"{re.escape(p)}: \S+ \d+\.\d%, \S+ \d+\.\d%", line) for p, line in zip(paths, lines[:3]))
+    assert lines[4] == "3 classified, 1 failed"

@@ -5,12 +5,12 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-import runtime
-from common import accuracy_report
-from common.device import DeviceError
-from data.images import load_rgb
-from data.transforms import resize_uint8
-from runtime.pipeline import resize_on_device, run_files
+from cnnbench import runtime
+from cnnbench.common import accuracy_report
+from cnnbench.common.device import DeviceError
+from cnnbench.data.images import load_rgb
+from cnnbench.data.transforms import resize_uint8
+from cnnbench.runtime.pipeline import resize_on_device, run_files
 from runtime_testlib import reference, run, torchvision_ten_crop_logits  # noqa: F401 (shared fixtures)
 
 
@@ -74,7 +74,7 @@ def test_device_preprocessing_paths_agree_with_the_reference(run, reference, pre
 
 
 def test_jpegs_the_decoder_refuses_fall_back_to_load_rgb(run, reference, monkeypatch):
-    import runtime.pipeline as pipeline
+    import cnnbench.runtime.pipeline as pipeline
 
     calls = []
 
@@ -130,7 +130,7 @@ def test_clear_errors(run, tmp_path):
         predictor.logits_from_images(torch.zeros(2, 3, 40, 40, dtype=torch.uint8))
     with pytest.raises(ValueError, match="no split recorded"):
         no_split = tmp_path / "no_split.pt"
-        from models import load_checkpoint, save_checkpoint
+        from cnnbench.models import load_checkpoint, save_checkpoint
         model, meta = load_checkpoint(run["checkpoint"])
         save_checkpoint(no_split, model, arch=meta["arch"], classes=meta["classes"], spec=meta["spec"], record={})
         runtime.evaluate(no_split, device="cpu", progress=False)

@@ -4,7 +4,7 @@ import copy
 import torch
 from torch import nn
 
-from train.optim import make_optimizer
+from cnnbench.train.optim import make_optimizer
 
 
 def _tiny_model():

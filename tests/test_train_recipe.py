@@ -1,19 +1,17 @@
 """The pieces of the training recipe: defaults, progressive sizes, weight EMA, the synthetic stream,
 and the finder of the newest runs that commands use when given no paths."""
 import os
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from common.runs import newest_runs
-from data import synth
-from train import TrainConfig
-from train.ema import WeightEMA
-from train.loop import epoch_crop_sizes
-from train.recipe import FROM_SCRATCH, HEAD_FINETUNE, XCEPTION_FROM_SCRATCH, apply_recipe
+from cnnbench.data import synth
+from cnnbench.train import TrainConfig
+from cnnbench.train.ema import WeightEMA
+from cnnbench.train.loop import epoch_crop_sizes
+from cnnbench.train.recipe import FROM_SCRATCH, HEAD_FINETUNE, XCEPTION_FROM_SCRATCH, apply_recipe
 
 
 def test_unset_options_follow_the_recipe_and_set_ones_win():
@@ -94,27 +92,3 @@ def test_stream_never_repeats_a_stored_image(tmp_path):
 
 def to_bytes(path) -> bytes:
     return Image.open(path).convert("RGB").tobytes()
-
-
-def _touch_run(folder, name, marker, when):
-    path = folder / name / marker
-    path.parent.mkdir(parents=True)
-    path.write_text("x")
-    os.utime(path, (when, when))
-    return str(path)
-
-
-def test_newest_runs_picks_the_most_recently_written_folder(tmp_path, capsys):
-    now = time.time()
-    _touch_run(tmp_path / "train", "resnet26", "best.pt", now - 100)
-    demo_a = _touch_run(tmp_path / "demo" / "train", "resnet26", "best.pt", now - 50)
-    demo_b = _touch_run(tmp_path / "demo" / "train", "xception_medium", "best.pt", now - 10)
-    found = newest_runs("train", root=str(tmp_path))
-    assert found.folder == str(tmp_path / "demo" / "train") and found.paths == [demo_a, demo_b]
-    assert found.newest == demo_b
-    assert "using the newest trained runs in" in capsys.readouterr().err
-    _touch_run(tmp_path / "export", "resnet26", "manifest.json", now)
-    exports = newest_runs("export", root=str(tmp_path), announce=False)
-    assert exports.paths == [str(tmp_path / "export" / "resnet26")] and capsys.readouterr().err == ""
-    with pytest.raises(FileNotFoundError, match="no trained model found"):
-        newest_runs("train", root=str(tmp_path / "empty"))

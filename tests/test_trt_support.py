@@ -11,12 +11,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, spec_for_crop
-from export.fp16 import convert_to_fp16
-from export.int8 import quantize_int8
-from export.onnx_export import export_onnx
-from export.trt_support import TensorRTSupportError, check_tensorrt_support, tensorrt_findings
-from models import Ensemble, create_model, list_models
+from cnnbench.data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, spec_for_crop
+from cnnbench.export.fp16 import convert_to_fp16
+from cnnbench.export.int8 import quantize_int8
+from cnnbench.export.onnx_export import export_onnx
+from cnnbench.export.trt_support import TensorRTSupportError, check_tensorrt_support, tensorrt_findings
+from cnnbench.models import Ensemble, create_model, list_models
 
 SPEC = spec_for_crop(32)
 DENSE_SPEC = PreprocessSpec(resize=96, crop=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)

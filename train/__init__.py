@@ -1,4 +1,4 @@
 """Training: `train_model` is what `cli.py train` calls."""
-from train.loop import TrainConfig, train_model
+from cnnbench.train.loop import TrainConfig, train_model
 
 __all__ = ["TrainConfig", "train_model"]

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from common.errors import InputError
+from cnnbench.common.errors import InputError
 
 
 class WeightEMA:

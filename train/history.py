@@ -5,7 +5,7 @@ import csv
 import io
 from pathlib import Path
 
-from common import atomic_write
+from cnnbench.common import atomic_write
 
 FIELDS = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "seconds"]
 

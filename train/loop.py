@@ -14,27 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from common import accuracy_report, atomic_write_json
-from common.device import autocast_dtype, default_workers, resolve_device
-from common.errors import ExistingFileError, InputError, MissingFileError
-from data import ImageDataset, collate_skip_bad, eval_transform, train_transform
-from data.spec import PreprocessSpec
-from data.folder import scan_folder
-from data.split import load_split, make_split, save_split
-from data import synth
-from models import create_model, default_spec, list_models
-from models.checkpoint import load_checkpoint, save_checkpoint
-from train.ema import WeightEMA
-from train.history import plot_curves, write_csv
-from train.optim import make_optimizer, warmup_cosine
-from train.recipe import PROGRESSIVE_FINAL_SHARE, apply_recipe, recipe_summary
+from cnnbench.common import accuracy_report, atomic_write_json
+from cnnbench.common.device import AUTOCAST_DTYPES, default_workers, resolve_device, training_precision
+from cnnbench.common.errors import ExistingFileError, InputError, MissingFileError, UserError
+from cnnbench.data import ImageDataset, collate_skip_bad, eval_transform, train_transform
+from cnnbench.data.spec import PreprocessSpec
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.split import load_split, make_split, save_split
+from cnnbench.data import synth
+from cnnbench.models import create_model, default_spec, list_models
+from cnnbench.models.checkpoint import load_checkpoint, save_checkpoint
+from cnnbench.train.ema import WeightEMA
+from cnnbench.train.history import plot_curves, write_csv
+from cnnbench.train.optim import make_optimizer, warmup_cosine
+from cnnbench.train.recipe import PROGRESSIVE_FINAL_SHARE, apply_recipe, recipe_summary
 
 
 @dataclass
@@ -48,7 +47,7 @@ class TrainConfig:
     optimizer: Optional[str] = None     # "adamw" | "sgd" (Nesterov)
     lr: Optional[float] = None          # peak; None: the recipe's, scaled from the batch size
     weight_decay: Optional[float] = None
-    dropout: float = 0.0
+    dropout: Optional[float] = None     # None: 0, or the initial checkpoint's
     label_smoothing: Optional[float] = None
     augment: Optional[str] = None       # data.transforms.AUGMENTATIONS
     min_scale: Optional[float] = None   # augment "resized-crop": smallest crop, as a share of the image's area
@@ -58,7 +57,8 @@ class TrainConfig:
     progressive_from: Optional[int] = None  # first epoch's crop side, growing linearly to image_size; 0: off
     synth_stream: Optional[int] = None  # embedded set: fresh images per class per epoch; 0: the stored train split
     norm: Optional[str] = None          # "imagenet" | "half"; None: the model's default
-    amp: Optional[bool] = None          # None: bf16 on CPUs with bf16 units, fp16 on CUDA
+    precision: str = "auto"             # common.device.TRAIN_PRECISIONS; "auto": common.device.training_precision
+    allow_precision_change: bool = False  # --resume in another precision than the run's so far
     channels_last: bool = True
     device: str = "auto"
     workers: Optional[int] = None
@@ -73,6 +73,22 @@ class TrainConfig:
     progress_row: int = 0               # terminal row of the progress bar: runs side by side each keep their own
 
 
+# What makes a run (TrainConfig fields, after the recipe filled the unset ones): a run is resumed or
+# reused only when all of these, its data and its preprocessing match. The device, workers, names and
+# progress bars change nothing that is learned; the precision is compared with the last of its `parts`.
+IDENTITY_FIELDS = ("arch", "width_mult", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "dropout",
+                   "label_smoothing", "augment", "min_scale", "ema", "progressive_from", "synth_stream", "seed",
+                   "initial_checkpoint", "weights")
+
+
+class RunMismatchError(UserError):
+    """A run folder made with other settings than the run that would continue it; names each difference."""
+
+    def __init__(self, run_dir, differences: str, advice: str):
+        super().__init__(f"{run_dir} holds a run made with other settings ({differences}): {advice}")
+        self.run_dir, self.differences = str(run_dir), differences
+
+
 def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
                 threads: Optional[Callable[[], int]] = None) -> dict:
     """Train `config.arch`; write best.pt, last.pt, split.json, metrics.csv, curves.png, train.json.
@@ -82,9 +98,10 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     """
     if config.arch not in list_models():
         raise InputError(f"unknown architecture {config.arch!r}; known: {', '.join(list_models())}")
-    if config.arch == "xception_pretrained" and not config.weights and not config.resume:
+    if (config.arch == "xception_pretrained" and not config.weights and not config.initial_checkpoint
+            and not config.resume):
         raise InputError("xception_pretrained fine-tunes ImageNet weights: pass --weights PATH (a local timm "
-                         "legacy_xception state_dict; nothing is downloaded)")
+                         "legacy_xception state_dict; nothing is downloaded) or --initial-checkpoint")
     ddp = _init_distributed(config.device)
     rank0 = not ddp or dist.get_rank() == 0
     world_size = dist.get_world_size() if ddp else 1
@@ -93,15 +110,15 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     if rank0 and not config.resume and (run_dir / "last.pt").exists():
         raise ExistingFileError(f"{run_dir} already holds a run: pass --resume to continue it or --name for a new one")
 
-    root = config.data or synth.default_data_root(quick=config.quick_data)
+    root, spec, config, precision = resolve_run(config, device)
+    identity = run_identity(config, spec, root)
+    resumed = _read_resumable(run_dir / "last.pt", identity, precision, config) if config.resume else None
     split = _load_or_make_split(root, run_dir, config, rank0, ddp)
-    spec = _resolve_spec(config)
-    config = apply_recipe(config, spec.crop)
     torch.manual_seed(config.seed)
     if config.initial_checkpoint:
-        model, model_kwargs = _initial_model(config, split.classes)
+        model, model_kwargs = _initial_model(config, split.classes, spec)
     else:
-        model_kwargs = {"dropout": config.dropout}
+        model_kwargs = {"dropout": config.dropout or 0.0}
         if config.width_mult is not None:
             model_kwargs["width_mult"] = config.width_mult
         build_kwargs = dict(model_kwargs, weights=config.weights) if config.weights else model_kwargs
@@ -117,22 +134,25 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay)
     scheduler = warmup_cosine(optimizer, config.epochs * steps_per_epoch, warmup_steps=steps_per_epoch)
     ema = WeightEMA(model, config.ema) if config.ema else None
-    history, start_epoch, best_top1 = [], 0, -1.0
-    if config.resume:
-        history, start_epoch, best_top1 = _restore(run_dir / "last.pt", model, optimizer, scheduler, ema, device)
+    amp_dtype = AUTOCAST_DTYPES[precision]
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    history, start_epoch, best_top1, record = [], 0, -1.0, {}
+    if resumed is not None:
+        history, start_epoch, best_top1, record = _restore(resumed, run_dir / "last.pt", model, optimizer, scheduler,
+                                                           ema, scaler)
     evaluated = ema.model if ema else model  # what is validated and saved
     net = nn.parallel.DistributedDataParallel(model) if ddp else model
 
-    amp_dtype = autocast_dtype(device) if config.amp in (None, True) else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     workers = config.workers if config.workers is not None else default_workers()
-    skipped: dict[str, str] = {}
-    record = {
+    # Carried over from the parts before a --resume: the best epoch, the images skipped, every part's
+    # precision, device and seconds.
+    skipped: dict[str, str] = dict(record.get("skipped_images", []))
+    parts = list(record.get("parts", []))
+    record.update({
         "data": str(Path(root).resolve()), "split": str((run_dir / "split.json").resolve()),
-        "config": dataclasses.asdict(config), "device": str(device),
-        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-    }
+        "config": dataclasses.asdict(config), "identity": identity, "device": str(device),
+    })
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         t0 = time.perf_counter()
@@ -148,7 +168,12 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
             row.update(_validate(evaluated, val_set, config, amp_dtype, device, criterion, workers, skipped))
             row["seconds"] = round(time.perf_counter() - t0, 2)
             history.append(row)
-            record.update(history=history, epochs_done=epoch + 1, skipped_images=sorted(skipped.items()))
+            if epoch == start_epoch:
+                parts.append({"epochs": [epoch + 1, epoch + 1], "precision": precision, "device": str(device),
+                              "seconds": 0.0})
+            parts[-1]["epochs"][1] = epoch + 1
+            parts[-1]["seconds"] = round(parts[-1]["seconds"] + row["seconds"], 2)
+            record.update(history=history, epochs_done=epoch + 1, skipped_images=sorted(skipped.items()), parts=parts)
             meta = dict(arch=config.arch, classes=split.classes, spec=spec, model_kwargs=model_kwargs)
             if row["val_top1"] > best_top1:
                 best_top1 = row["val_top1"]
@@ -159,6 +184,8 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
             if ema:
                 state["ema"] = ema.state_dict()
                 state["trained_weights"] = model.state_dict()  # the checkpoint holds the average
+            if scaler.is_enabled():  # fp16's loss scale: a resumed run goes on with it, not from 65536
+                state["scaler"] = scaler.state_dict()
             save_checkpoint(run_dir / "last.pt", evaluated, record=record, extra=state, **meta)
             write_csv(history, run_dir / "metrics.csv")
             plot_curves(history, run_dir / "curves.png", f"{config.arch} on {Path(root).name}")
@@ -179,28 +206,107 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
         "train_images": len(split.train), "test_images": len(split.test), "spec": spec.to_dict(),
         "params": sum(p.numel() for p in model.parameters()), "epochs": len(history),
         "best_epoch": record.get("best_epoch"), "best_val_top1": best_top1,
-        "final": history[-1] if history else None, "seconds_this_run": round(time.perf_counter() - started, 1),
-        "world_size": world_size, "recipe": recipe_summary(config),
-        "device": str(device), "amp": record["amp"], "skipped_images": sorted(skipped.items()),
+        "final": history[-1] if history else None,
+        "seconds": round(sum(part["seconds"] for part in parts), 1),  # every part's epochs
+        "seconds_this_run": round(time.perf_counter() - started, 1),
+        "world_size": world_size, "recipe": recipe_summary(config), "identity": identity,
+        "device": str(device), "precision": precision, "parts": parts, "skipped_images": sorted(skipped.items()),
     }
     atomic_write_json(run_dir / "train.json", summary)
     return summary
 
 
-def _initial_model(config: TrainConfig, classes: list[str]) -> tuple[nn.Module, dict]:
+def resolve_run(config: TrainConfig, device: torch.device) -> tuple[str, PreprocessSpec, TrainConfig, str]:
+    """What ``config`` means on ``device``: (data root, preprocessing, the config with the recipe's
+    values filled in, the training precision)."""
+    root = config.data or synth.default_data_root(quick=config.quick_data)
+    spec = _resolve_spec(config)
+    return root, spec, apply_recipe(config, spec.crop), training_precision(config.precision, device)
+
+
+def run_identity(config: TrainConfig, spec: PreprocessSpec, root: str) -> dict:
+    """What made a run (IDENTITY_FIELDS, its data and preprocessing), as recorded in its checkpoints and
+    train.json. The embedded sets are named by their cache folder (the generator's version and sizes),
+    so a run stays resumable when the cache moves; a user's folder by its absolute path."""
+    identity = {field: getattr(config, field) for field in IDENTITY_FIELDS}
+    for path_field in ("initial_checkpoint", "weights"):
+        if identity[path_field]:
+            identity[path_field] = str(Path(identity[path_field]).resolve())
+    identity["data"] = str(Path(root).resolve()) if config.data else f"embedded {Path(root).name}"
+    identity["spec"] = spec.to_dict()
+    return identity
+
+
+def identity_differences(recorded: Optional[dict], wanted: dict) -> Optional[str]:
+    """None when ``recorded`` (a run's identity) equals ``wanted``, else each difference as
+    "name: recorded → wanted"."""
+    if recorded is None:
+        return "it records no settings (written by an older cnnbench)"
+    differences = []
+    for key in sorted(set(recorded) | set(wanted)):
+        before, now = recorded.get(key), wanted.get(key)
+        if key == "spec" and isinstance(before, dict) and isinstance(now, dict):
+            differences += [f"spec.{k} {before.get(k)} → {now.get(k)}" for k in sorted(set(before) | set(now))
+                            if _plain(before.get(k)) != _plain(now.get(k))]
+        elif _plain(before) != _plain(now):
+            differences.append(f"{key} {before} → {now}")
+    return "; ".join(differences) or None
+
+
+def _plain(value):
+    """Tuples and lists compare alike (a checkpoint or JSON file may hold either)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def run_precision(record: dict) -> Optional[str]:
+    """The precision a run has trained in so far (its last part's), None before its first epoch."""
+    parts = record.get("parts") or []
+    return parts[-1]["precision"] if parts else None
+
+
+def _read_resumable(path: Path, identity: dict, precision: str, config: TrainConfig) -> dict:
+    """The checkpoint that --resume continues, once it is known to be the same run: same identity, and
+    the same precision unless a change was allowed. RunMismatchError names what differs."""
+    if not path.exists():
+        raise MissingFileError(f"--resume: no {path} to continue from")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    record = checkpoint["record"]
+    differences = identity_differences(record.get("identity"), identity)
+    if differences:
+        raise RunMismatchError(path.parent, differences, "resume it with the options it was made with, or "
+                               "start a new run with --name")
+    so_far = run_precision(record)
+    if so_far and so_far != precision and not config.allow_precision_change:
+        raise RunMismatchError(path.parent, f"trained in {so_far} so far, this run would train in {precision}",
+                               f"pass --precision {so_far}, or --allow-precision-change to go on in {precision}")
+    return checkpoint
+
+
+def _initial_model(config: TrainConfig, classes: list[str], spec: PreprocessSpec) -> tuple[nn.Module, dict]:
     """The model of --initial-checkpoint, in training mode, and its model_kwargs: a run that goes on from
-    trained weights with its own recipe, size and data (e.g. fine-tuning at the test size, FixRes)."""
+    trained weights with its own recipe, size, dropout and data (e.g. fine-tuning at the test size, FixRes)."""
     if config.weights:
         raise InputError("--initial-checkpoint and --weights both name the starting weights: pass one")
     model, meta = load_checkpoint(config.initial_checkpoint, expect_arch=config.arch)
-    kwargs = meta["model_kwargs"]
+    kwargs = dict(meta["model_kwargs"])
     width = kwargs.get("width_mult", 1.0)
     if config.width_mult is not None and width != config.width_mult:
         raise InputError(f"{config.initial_checkpoint} has width_mult {width}, not --width-mult {config.width_mult}")
     if list(meta["classes"]) != list(classes):
         raise InputError(f"{config.initial_checkpoint} was trained on {len(meta['classes'])} other classes "
                          f"({', '.join(meta['classes'][:3])}, ...) than this data's {len(classes)}")
-    return model.train(), dict(kwargs)
+    trained = (tuple(meta["spec"]["mean"]), tuple(meta["spec"]["std"]))
+    if trained != (tuple(spec.mean), tuple(spec.std)):
+        raise InputError(f"{config.initial_checkpoint} was trained with normalisation mean {trained[0]} std "
+                         f"{trained[1]}, this run uses mean {tuple(spec.mean)} std {tuple(spec.std)}: pass --norm "
+                         f"to match the checkpoint's")
+    if config.dropout is not None and config.dropout != kwargs.get("dropout", 0.0):
+        # Dropout has no weights: the same network rebuilt with the new rate takes the checkpoint's tensors.
+        kwargs["dropout"] = config.dropout
+        rebuilt = create_model(config.arch, num_classes=len(classes), **kwargs)
+        rebuilt.load_state_dict(model.state_dict())
+        model = rebuilt
+    return model.train(), kwargs
 
 
 def _resolve_spec(config: TrainConfig):
@@ -330,20 +436,22 @@ def _validate(model, dataset, config, amp_dtype, device, criterion, workers, ski
     return {"val_loss": criterion(logits, labels).item(), "val_top1": report["top1"], "val_top5": report["top5"]}
 
 
-def _restore(path: Path, model, optimizer, scheduler, ema, device):
-    if not path.exists():
-        raise MissingFileError(f"--resume: no {path} to continue from")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    state = ckpt["extra"]
+def _restore(checkpoint: dict, path: Path, model, optimizer, scheduler, ema, scaler):
+    """Load a --resume checkpoint's weights and training state; returns (history, epochs done, best
+    top-1, record). The record carries the best epoch, skipped images and earlier parts over."""
+    state = checkpoint["extra"]
     if (ema is None) != ("ema" not in state):
         raise InputError(f"--resume: {path} was trained {'with' if 'ema' in state else 'without'} --ema; resume it the same way")
-    model.load_state_dict(state["trained_weights"] if ema else ckpt["state_dict"])
+    model.load_state_dict(state["trained_weights"] if ema else checkpoint["state_dict"])
     if ema:
         ema.load_state_dict(state["ema"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler.is_enabled() and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     _log(f"resuming {path} after epoch {state['epoch']}")
-    return list(ckpt["record"].get("history", [])), int(state["epoch"]), float(state["best_top1"])
+    record = dict(checkpoint["record"])
+    return list(record.get("history", [])), int(state["epoch"]), float(state["best_top1"]), record
 
 
 def _init_distributed(device: str) -> bool:

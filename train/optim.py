@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from common.errors import InputError
+from cnnbench.common.errors import InputError
 
 
 def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:

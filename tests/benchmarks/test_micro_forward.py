@@ -6,15 +6,15 @@ run (--benchmark-disable) each backend runs once and its logits are checked agai
 import pytest
 import torch
 
-import export
-import runtime
-from data.folder import scan_folder
-from data.spec import spec_for_crop
-from data.split import make_split, save_split
-from data.synth import synthesize
-from models.checkpoint import save_checkpoint
-from models.registry import create_model
-from bench.targets import backend_problem
+from cnnbench import export
+from cnnbench import runtime
+from cnnbench.data.folder import scan_folder
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.split import make_split, save_split
+from cnnbench.data.synth import synthesize
+from cnnbench.models.checkpoint import save_checkpoint
+from cnnbench.models.registry import create_model
+from cnnbench.bench.targets import backend_problem
 
 SPEC = spec_for_crop(64)
 BATCH = 2  # images, ten crops each

@@ -9,9 +9,9 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from data.geometry import ten_crop
-from data.spec import spec_for_crop
-from data.transforms import normalize, resize_uint8
+from cnnbench.data.geometry import ten_crop
+from cnnbench.data.spec import spec_for_crop
+from cnnbench.data.transforms import normalize, resize_uint8
 
 SPEC = spec_for_crop(224)
 
