@@ -30,6 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from cnnbench.data.crops import CROP_MODES, TEN_CROP_PLACES  # noqa: E402 - loads torch, so only after the OpenMP setting
 from cnnbench.data.heldout import DATA_HELP  # noqa: E402
 from cnnbench.gradcam.core import DEFAULT_LAYER as DEFAULT_CAM_LAYER  # noqa: E402
+from cnnbench.gradcam.core import DENSE_DEFAULT_LAYER as DENSE_CAM_LAYER  # noqa: E402
 from cnnbench.gradcam.core import DEFAULT_METHOD as DEFAULT_CAM_METHOD  # noqa: E402
 from cnnbench.gradcam.core import METHODS as CAM_METHODS  # noqa: E402
 from cnnbench.models.dense import CENTRE_MODES, DEFAULT_CENTRE  # noqa: E402
@@ -103,6 +104,9 @@ def data_check(path, verify, as_json):
 @click.option("--data", type=click.Path(exists=True, file_okay=False), help="Data folder (Caltech-256 or ImageFolder). Default: the embedded set.")
 @click.option("--quick-data", is_flag=True, help="Use the small embedded set (tests, quick looks).")
 @click.option("--epochs", type=int, help="Default: the recipe's.")
+@click.option("--minutes", type=float, help="Train by the clock instead of --epochs: measure the speed in the first "
+              "steps and plan the steps, warm-up, LR decay to zero and the resizing switch to end within this much "
+              "training time (validation included); re-planned when the speed changes; --resume keeps the plan.")
 @click.option("--batch-size", type=int, help="Default: the recipe's.")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), help="AdamW, or SGD with Nesterov momentum (default: the recipe's).")
 @click.option("--lr", type=float, help="Peak learning rate of the one-cycle schedule (default: the recipe's, scaled with the batch size).")
@@ -137,7 +141,7 @@ def data_check(path, verify, as_json):
               help="Start from this trained checkpoint (same architecture and classes), e.g. to fine-tune it at a larger --image-size.")
 @click.option("--width-mult", type=float, help="Scale every layer's width (tiny models for experiments; default: full width).")
 @json_option
-def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_decay, dropout, label_smoothing, augment,
+def train(arch, data, quick_data, epochs, minutes, batch_size, optimizer, lr, weight_decay, dropout, label_smoothing, augment,
           min_scale, ema, image_size, resize, progressive_from, synth_stream, norm, train_precision, allow_precision_change,
           device, workers, seed, out, name, resume, weights, initial_checkpoint, width_mult, as_json):
     """Train ARCH (resnet18, resnet26, xception_small, xception_medium, xception_pretrained).
@@ -149,7 +153,7 @@ def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_deca
     """
     from cnnbench.train import TrainConfig, train_model
 
-    config = TrainConfig(arch=arch, data=data, quick_data=quick_data, epochs=epochs, batch_size=batch_size,
+    config = TrainConfig(arch=arch, data=data, quick_data=quick_data, epochs=epochs, minutes=minutes, batch_size=batch_size,
                          optimizer=optimizer, lr=lr, weight_decay=weight_decay, dropout=dropout,
                          label_smoothing=label_smoothing, augment=augment, min_scale=min_scale, ema=ema,
                          image_size=image_size, resize=resize, progressive_from=progressive_from, synth_stream=synth_stream,
@@ -160,7 +164,16 @@ def train(arch, data, quick_data, epochs, batch_size, optimizer, lr, weight_deca
     result = train_model(config)
     if result:
         emit(result, as_json, lambda r: f"{r['arch']}: best val top-1 {r['best_val_top1']:.1f}% (1 crop) "
-                                       f"at epoch {r['best_epoch']}, trained in {r['precision']}; checkpoint {r['best']}")
+                                       f"at epoch {r['best_epoch']}, trained in {r['precision']}; checkpoint {r['best']}"
+                                       + _budget_line(r.get("budget")))
+
+
+def _budget_line(budget) -> str:
+    """train --minutes: the plan against what was done."""
+    if not budget:
+        return ""
+    return (f"\n{budget['done_steps']} of {budget['planned_steps']} planned steps ({budget['images']} images) in "
+            f"{budget['seconds']:.0f} s of a {budget['minutes']:g}-minute budget; final LR {budget['final_lr']:.3g}")
 
 
 model_source = click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True,
@@ -298,13 +311,14 @@ def predict(paths, model, backend, device, precision, crops, batch, topk, csv_pa
 @click.option("--method", type=click.Choice(list(CAM_METHODS)),
               help="CAM method of a checkpoint's maps: " + "; ".join(f"{name}: {cost}" for name, (_, cost)
                                                                       in CAM_METHODS.items())
-                   + f". Default: {DEFAULT_CAM_METHOD} (an export: its own CAM, gradcam's map).")
+                   + f". Default: {DEFAULT_CAM_METHOD} (measured: points best, docs/GRADCAM.md). An export's CAM and "
+                   "validate's CAM parity are always gradcam at last (the one map a graph gives without gradients).")
 @click.option("--layer",
               help="Layer whose map is weighed: last (the map entering global pooling: ResNet layer4, Xception's "
                    "exit; the only one an export's CAM and validate's CAM parity cover, with gradcam), last-1 (the "
                    "stage before: twice the side, ResNet layer3, Xception block8; costs a backward through the "
                    "last stage), last-2, ..., or a module path (layer3, layer3.1, block8). Dense crops: last only. "
-                   f"Default: {DEFAULT_CAM_LAYER}.")
+                   f"Default: {DEFAULT_CAM_LAYER} ({DENSE_CAM_LAYER} with --crops dense).")
 @click.option("--methods", "table_methods", help="--errors: also a pointing-game table over these methods "
               "(comma-separated, or 'all'), with a bar chart; the gradient methods share one backward per layer.")
 @click.option("--layers", "table_layers", help="--errors: ... and these layers (comma-separated, e.g. last,last-1); "
@@ -445,14 +459,24 @@ def export(checkpoints, fp16, ensemble, ten_crop, ten_crop_in_graph, dense_centr
 @click.option("--served-model", help="--server: the served model's name (default: the name `serve` gives MODEL).")
 @click.option("--concurrency", default="1:8", show_default=True, help="--server: requests in flight, START:END[:STEP].")
 @click.option("--trials", default=4, show_default=True, help="--server: most measurement windows per concurrency.")
+@click.option("--scenario", "scenarios", multiple=True,
+              help="MLPerf LoadGen scenario instead of the closed loop: offline, server, singlestream or multistream; "
+                   "repeatable. Runs `mlperf` (performance and accuracy mode) with this command's --backend, "
+                   "--precision, --crops, --device, --batch (default 8 here), --seconds, --threads, --data and --out "
+                   "(its folder); `mlperf` has the LoadGen options.")
 @json_option
 def bench(models, batch, backends, precisions, device, mode, seconds, iters, warmup, use_compile, crop_modes, data, out,
           compare,
-          eval_images, threads, workers, train_dir, export_dir, server, served_model, concurrency, trials, as_json):
+          eval_images, threads, workers, train_dir, export_dir, server, served_model, concurrency, trials, scenarios,
+          as_json):
     """Speed, accuracy and agreement of every backend and precision, side by side (MODELS: default all)."""
     from cnnbench.bench import run_bench
     from cnnbench.bench.report import render_table
 
+    if scenarios:
+        _bench_scenarios(models, scenarios, batch, backends, precisions, device, seconds, crop_modes, data, out, threads,
+                         train_dir, export_dir, as_json)
+        return
     if server:
         from cnnbench.serve.perf import DEFAULT_WINDOW_SECONDS, bench_server
         from cnnbench.serve.render import render_server_bench
@@ -474,6 +498,35 @@ def bench(models, batch, backends, precisions, device, mode, seconds, iters, war
                    out=out, compare=compare, train_dir=train_dir, export_dir=export_dir, eval_images=eval_images or None,
                    threads=threads, workers=workers, crops=list(crop_modes) or None, progress=not as_json), picked),
          as_json, render_table)
+
+
+# bench's closed-loop options that mean nothing under LoadGen: given with --scenario, they are an error.
+_CLOSED_LOOP_ONLY = ("mode", "iters", "warmup", "use_compile", "compare", "eval_images", "workers", "server",
+                     "served_model", "concurrency", "trials")
+
+
+def _bench_scenarios(models, scenarios, batch, backends, precisions, device, seconds, crop_modes, data, out, threads,
+                     train_dir, export_dir, as_json):
+    """bench --scenario: the mlperf command's run_mlperf with bench's options (its own batch default)."""
+    from click.core import ParameterSource
+
+    from cnnbench.bench.mlperf import DEFAULT_BATCH, run_mlperf
+    from cnnbench.bench.mlperf_report import render_mlperf
+
+    context = click.get_current_context()
+    given = [p.opts[0] for p in context.command.params if p.name in _CLOSED_LOOP_ONLY
+             and context.get_parameter_source(p.name) is not ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: closed-loop option(s), meaningless with --scenario (LoadGen's "
+                               "options are the mlperf command's)")
+    if context.get_parameter_source("batch") is ParameterSource.DEFAULT:
+        batch = DEFAULT_BATCH
+    models, train_dir, export_dir, picked = _bench_folders(models, train_dir, export_dir)
+    emit(with_picked(run_mlperf(models or None, scenarios=list(scenarios), backends=list(backends) or None,
+                                precisions=list(precisions) or None, crops=list(crop_modes) or None, device=device,
+                                batch=batch, seconds=seconds, data=data, threads=threads, out=out,
+                                train_dir=train_dir, export_dir=export_dir, progress=not as_json), picked),
+         as_json, render_mlperf)
 
 
 def _bench_folders(models, train_dir, export_dir):
@@ -518,7 +571,7 @@ def _bench_folders(models, train_dir, export_dir):
 @click.option("--latency-ms", type=float, help="Server latency bound at p99 (default: CPU 100 ms with one crop, "
               "500 ms with ten or dense; CUDA 15 ms and 50 ms).")
 @click.option("--max-wait-ms", type=float, help="Server: longest wait of a sample for its batch to fill (default 5 % of the bound).")
-@click.option("--server-trials", default=6, show_default=True, help="Server: most runs of the search for the highest VALID rate.")
+@click.option("--server-trials", default=8, show_default=True, help="Server: most runs of the search for the highest VALID rate.")
 @held_out_data_option
 @click.option("--images", type=int, help="At most this many held-out images in the QSL (default: the whole test split).")
 @click.option("--threads", type=int, help="CPU threads for the model (default: all cores).")
@@ -592,12 +645,16 @@ def serve(models, address, http_port, grpc_port, metrics_port, backend, device, 
 @cli.command()
 @click.option("--out", type=click.Path(file_okay=False), help="Default: runs/demo, with --quick runs/demo-quick.")
 @click.option("--quick", is_flag=True, help="Small data and narrow networks: the whole pipeline in about two minutes.")
+@click.option("--minutes", type=float, help="Wall-clock training budget, split between the two models (demo/pipeline.py: "
+              "DEMO_TRAIN_MINUTES by default; --quick trains fixed epochs unless this is given).")
+@click.option("--resnet-share", type=float, help="ResNet26's share of the training minutes; then its core passes to "
+              "Xception-medium, which trains all of them (demo/pipeline.py: DEMO_RESNET_SHARE, measured in docs/RECIPES.md).")
 @json_option
-def demo(out, quick, as_json):
+def demo(out, quick, minutes, resnet_share, as_json):
     """Train ResNet26 + Xception (5.9M) on the embedded set, evaluate, export, validate, bench, explain; write a report."""
     from cnnbench.demo import run_demo
 
-    emit(run_demo(out=out, quick=quick, progress=not as_json), as_json,
+    emit(run_demo(out=out, quick=quick, progress=not as_json, minutes=minutes, resnet_share=resnet_share), as_json,
          lambda r: f"demo finished in {r['seconds']:.0f} s; report: {r['report']['html']} (and report.md)")
 
 

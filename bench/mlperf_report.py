@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from cnnbench.bench.mlperf_scenarios import SCENARIOS
 
+# The agreement of the two harnesses: LoadGen Offline within 10 % of the closed-loop compute rate.
+OFFLINE_AGREEMENT = 0.10
+
 _ROW = (("target", 18, lambda r: str(r["target"])), ("backend", 11, lambda r: r["backend"]),
         ("prec", 4, lambda r: r["precision"]), ("variant", 16, lambda r: r["variant"]),
         ("crops", 5, lambda r: str(r["crops"])), ("batch", 5, lambda r: str(r["batch"])),
@@ -16,6 +19,7 @@ _METRICS = {
                 ("samples", 7, lambda r: _num((r.get("effective") or {}).get("samples_per_query"), 0))),
     "server": (("QPS", 8, lambda r: _num((r.get("server") or {}).get("target_qps"), 2)),
                ("INVALID@", 8, lambda r: _num((r.get("server") or {}).get("lowest_invalid_qps_above"), 2)),
+               ("1.2x", 7, lambda r: _edge(r.get("server"))),
                ("bound ms", 8, lambda r: _num((r.get("server") or {}).get("latency_bound_ms"), 0)),
                ("p99 ms", 8, lambda r: _num(_latency(r, "99.00"), 1)),
                ("trials", 6, lambda r: str(len((r.get("server") or {}).get("trials", [])))),
@@ -57,7 +61,20 @@ def render_mlperf(result: dict) -> str:
                 lines.append(f"  ERROR {label}: {row['error']}")
             elif row.get("invalid_reason"):
                 lines.append(f"  INVALID {label}: {row['invalid_reason']}")
-    lines += ["", "QPS: the highest Server rate found VALID; INVALID@: the lowest rate above it that was not. "
+            elif abs((row.get("loadgen_to_closed_loop") or 1) - 1) > OFFLINE_AGREEMENT:
+                step = (row.get("calibration") or {}).get("sut_step_images_per_s")
+                lines.append(f"  GAP {label}: LoadGen Offline ran {row['loadgen_to_closed_loop']:.2f}x the closed loop "
+                             f"(more than {OFFLINE_AGREEMENT:.0%} apart); the SUT step alone (crops cut, model, logits "
+                             f"back) ran {_num(step, 2)}/s: "
+                             + ("the gap is the SUT's own host work" if step and abs(
+                                 row["samples_per_s"] / step - 1) <= OFFLINE_AGREEMENT
+                                else "the gap is in LoadGen's issuing and completion (or a noisy machine)"))
+            elif _edge(row.get("server")) not in ("-", "INVALID"):
+                lines.append(f"  EDGE NOT SHOWN {label}: the run at 1.2x the reported QPS was "
+                             + ("VALID (the search ran out of trials above it)" if row["server"]["edge_proof"]
+                                else "not run (--server-trials ran out)"))
+    lines += ["", "QPS: the highest Server rate found VALID; INVALID@: the lowest rate above it that was not; "
+              "1.2x: the verdict of the run at 1.2x QPS (INVALID: the search found the edge). "
               "ES: LoadGen's early-stopping estimate of the percentile (MLPerf's reported latency). "
               "closed/s: the bench's closed-loop compute rate at the same batch (the model on pre-cut crops); step/s: "
               "the SUT's own step (crops cut, model, logits back) in a closed loop. same: accuracy mode's "
@@ -75,6 +92,13 @@ def _min_queries(settings: dict) -> str:
 
 def _latency(row: dict, percentile: str):
     return (row.get("latency_ms") or {}).get(percentile)
+
+
+def _edge(server) -> str:
+    if not server or server.get("target_qps") is None:
+        return "-"
+    proof = server.get("edge_proof")
+    return proof["validity"] if proof else "not run"
 
 
 def _same(accuracy) -> str:

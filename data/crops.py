@@ -77,7 +77,8 @@ class DenseCropMode(CropMode):
 TEN = CropMode("10", 10, "ten crops (torchvision TenCrop), logits averaged")
 CENTRE = CropMode("1", 1, "the centre crop")
 DENSE = DenseCropMode("dense", 10, "dense ten crops: trunk on the image and its mirror, crops read as "
-                                   "feature-map windows (an approximation of 10)")
+                                   "feature-map windows (an approximation of 10, for crops of 224 px and larger; "
+                                   "on windows under 5 feature cells a side, e.g. 96 px crops, a poor one)")
 CROP_MODES: dict[str, CropMode] = {mode.name: mode for mode in (TEN, CENTRE, DENSE)}
 # Where an export makes its ten crops (export --ten-crop, manifest "ten_crop") -> the crop mode its graph
 # computes from uint8 images; None: the graph takes normalised crops cut on the host.

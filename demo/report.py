@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 from cnnbench.common import atomic_write
+from cnnbench.gradcam.core import method_name
 from cnnbench.gradcam.pointing import format_share
+from cnnbench.gradcam.pointing_table import pointing_table_block
 
 
 def write_report(result: dict, out: Path) -> dict:
@@ -38,6 +40,8 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
                    "mean per-class (10 crops)"], _accuracy_rows(r)),
         ("h2", "Training curves"),
     ]
+    if r.get("training_budget"):
+        blocks.append(("p", _budget_note(r["training_budget"], r["training"])))
     for arch, t in r["training"].items():
         blocks.append(("img", os.path.join(t["run_dir"], "curves.png"),
                        f"{arch}: {t['epochs']} epochs in {t['precision']}, best val top-1 {t['best_val_top1']:.1f}% "
@@ -55,29 +59,65 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
     blocks += [("h2", "Benchmark"), ("pre", render_table(r["bench"]))]
     if r["bench"].get("png"):
         blocks.append(("img", r["bench"]["png"], "throughput per target and backend, with top-1 agreement"))
-    blocks.append(("h2", "Grad-CAM"))
-    for arch, g in r["gradcam"].items():
+    blocks += _explanation_blocks(r["gradcam"])
+    blocks += [("h2", "Reproduce"),
+               ("table", ["step", "seconds", "command"], [[s["step"], f"{s['seconds']:.1f}", s["command"]] for s in r["steps"]])]
+    return blocks
+
+
+def _explanation_blocks(gradcam: dict) -> list[tuple]:
+    """Per model: the pointing game of the galleries' method (the default), the table per method and layer
+    with each layer's ceiling, the default's panels beside Grad-CAM at last's, and the galleries."""
+    blocks: list[tuple] = [("h2", "Grad-CAM and its family: where the networks look")]
+    for arch, g in gradcam.items():
         if not g.get("ok"):
             blocks.append(("p", f"{arch}: {g.get('error')}"))
             continue
+        shown = f"{method_name(g['method'])} at {g['layer']}"
         pointing = g.get("pointing_game")
         if pointing:
-            blocks.append(("p", f"{arch} pointing game (map of the true class peaks inside the object mask): "
-                                f"{100 * pointing['1_crop']['share']:.1f}% with 1 crop, "
-                                f"{100 * pointing['10_crops']['share']:.1f}% with 10 crops "
+            blocks.append(("p", f"{arch}, {shown} (the default; maps of the true class): the pointing game (the "
+                                f"map's peak inside the object mask) {100 * pointing['1_crop']['share']:.1f}% with 1 "
+                                f"crop, {100 * pointing['10_crops']['share']:.1f}% with 10 crops "
                                 f"({pointing['10_crops']['images']} test images); with 10 crops, of the images the "
                                 f"model classifies correctly {format_share(pointing['by_prediction']['correct'])}, "
                                 f"of the misclassified {format_share(pointing['by_prediction']['misclassified'])}. "
                                 f"The ceiling, an ideal {pointing['ideal_map']['cells']}x{pointing['ideal_map']['cells']} "
-                                f"map (the object mask averaged over each last-map cell): "
+                                f"map (the object mask averaged over each map cell): "
                                 f"{100 * pointing['ideal_map']['1_crop']['share']:.1f}% with 1 crop, "
                                 f"{100 * pointing['ideal_map']['10_crops']['share']:.1f}% with 10."))
+        table = g.get("pointing_table")
+        if table:
+            headers, rows = pointing_table_block(table)
+            blocks.append(("p", f"{arch}: the same game per method and layer (true class; the last two columns "
+                                f"split the {table['crops']}-crop game by that model's prediction). Each layer's "
+                                "ideal map is its ceiling. The maps are the documented ten-crop paste-back (the mean "
+                                "over covering crops), not the seamless display maps of the panels."))
+            blocks.append(("table", headers, rows))
+            if table.get("png"):
+                blocks.append(("img", table["png"], f"{arch}: hits per method and layer, each layer's ceiling dashed"))
+        galleries = g["galleries"]
+        if galleries.get("side_by_side"):
+            blocks.append(("img", galleries["side_by_side"], f"{arch}: Grad-CAM at last beside {shown}, true class"))
         for kind, caption in (("correct", "correctly classified"), ("errors", "misclassified: maps of the true and the predicted class")):
-            if g["galleries"].get(kind):
-                blocks.append(("img", g["galleries"][kind], f"{arch}: {caption}"))
-    blocks += [("h2", "Reproduce"),
-               ("table", ["step", "seconds", "command"], [[s["step"], f"{s['seconds']:.1f}", s["command"]] for s in r["steps"]])]
+            if galleries.get(kind):
+                blocks.append(("img", galleries[kind], f"{arch}: {caption} ({shown})"))
     return blocks
+
+
+def _budget_note(budget: dict, training: dict) -> str:
+    """The training plan: the budget, its split and what each model trained in it (train.budget's record)."""
+    split = "both models train the whole budget side by side" if budget["resnet_share"] == 1 else (
+        f"the ResNet trains {budget['resnet_share']:.0%} of it, then its core passes to the Xception")
+    per_model = []
+    for arch, t in training.items():
+        done = t.get("budget")
+        if done:
+            per_model.append(f"{arch} {done['minutes']:g} min: {done['done_steps']} steps, {done['images']} images "
+                             f"in {done['seconds']:.0f} s (plan re-made {len(done['plans']) - 1} times)")
+    return (f"Trained by the clock: a {budget['minutes']:g}-minute training budget ({split}); each run measured its "
+            f"speed and planned its steps, LR decay and resizing switch to end within its minutes. "
+            + "; ".join(per_model) + ".")
 
 
 def _parts_note(parts: list[dict]) -> str:

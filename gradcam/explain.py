@@ -1,5 +1,6 @@
 """`gradcam IMG...`: a panel per image for the predicted class (and a chosen one), from a checkpoint's
-Grad-CAM or an export's CAM (then compared with the reference Grad-CAM and gated)."""
+CAM (gradcam.core's default method and layer unless named) or an export's CAM (then compared with the
+reference Grad-CAM at last and gated)."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from cnnbench.common.errors import InputError
 from cnnbench.data.crops import crop_mode
 from cnnbench.data.spec import PreprocessSpec
 from cnnbench.export import load_manifest
-from cnnbench.gradcam.core import DEFAULT_LAYER, DEFAULT_METHOD, method_key, method_name
+from cnnbench.gradcam.core import DEFAULT_METHOD, default_layer, method_key, method_name
 from cnnbench.gradcam.exported import (REFERENCE_LAYER, REFERENCE_METHOD, ExportedCam, cam_gate_report, compare_maps,
                                        load_reference)
 from cnnbench.gradcam.layers import resolve_layer
@@ -59,7 +60,7 @@ def gradcam_images(paths, model=None, class_name: str | None = None, crops: int 
                              f"(= Grad-CAM at layer 'last', what validate's CAM parity checks); --method {method} "
                              f"--layer {layer} needs a checkpoint")
         method = method_key(method or (REFERENCE_METHOD if exported_map else DEFAULT_METHOD))
-        layer = layer or (REFERENCE_LAYER if exported_map else DEFAULT_LAYER)
+        layer = layer or (REFERENCE_LAYER if exported_map else default_layer(crops))
         if exported_map:
             manifest = load_manifest(model_path)
             exported = ExportedCam(manifest, precision)
@@ -134,9 +135,9 @@ def _explain_group(reference: nn.Module, exported: ExportedCam | None, batch: Te
     for i in range(n):
         views = []
         for (cam, label), ref in zip(shown, references):
-            views.append(MapView(f"{label}: {classes[int(cam.targets[i])]}", cam.maps[i]))
+            views.append(MapView(f"{label}: {classes[int(cam.targets[i])]}", cam.display[i]))
             if ref is not None:
-                views.append(MapView(f"reference Grad-CAM: {classes[int(ref.targets[i])]}", ref.maps[i]))
+                views.append(MapView(f"reference Grad-CAM: {classes[int(ref.targets[i])]}", ref.display[i]))
         parity = None if exported is None else compare_maps(references[0].maps[i:i + 1], cams[0].maps[i:i + 1])[0]
         explained.append(Explained(cams[0].logits[i], [cam.maps[i] for cam in cams],
                                    [int(cam.targets[i]) for cam in cams], views, parity))

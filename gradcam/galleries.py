@@ -14,15 +14,21 @@ from cnnbench.data.crops import DENSE, crop_mode
 from cnnbench.data.folder import Sample
 from cnnbench.data.spec import PreprocessSpec
 from cnnbench.data.synth import mask_path
-from cnnbench.gradcam.core import DEFAULT_LAYER, DEFAULT_METHOD, METHODS, method_key, method_name
+from cnnbench.gradcam.core import DEFAULT_METHOD, METHODS, default_layer, method_key, method_name
+from cnnbench.gradcam.exported import REFERENCE_LAYER, REFERENCE_METHOD
 from cnnbench.gradcam.images import DEFAULT_OUT, INPUT_ERRORS, check_positive, held_out_samples, image_groups
 from cnnbench.gradcam.layers import Layer, map_sides, resolve_layer
 from cnnbench.gradcam.panels import GalleryRow, MapView, save_gallery
 from cnnbench.gradcam.pointing import ideal_map_hit, load_mask, peak_in_mask
 from cnnbench.gradcam.pointing_table import GAMES, PointingTally, save_pointing_plot
-from cnnbench.gradcam.tencrop import image_cams, method_cams, peak
+from cnnbench.gradcam.tencrop import image_cams, layer_method_cams, peak
 from cnnbench.models.checkpoint import load_checkpoint
 from cnnbench.runtime.predict import newest_checkpoint
+
+# The side-by-side gallery compares the galleries' method with Grad-CAM at ``last``: the map the seed
+# report showed and the one exported graphs give (gradcam.exported), on this many correctly classified
+# images (their true class is their predicted class, so one map each).
+SIDE_BY_SIDE_IMAGES = 4
 
 
 @dataclass
@@ -46,7 +52,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
 
     Galleries show the ``limit`` most confident errors and ``limit`` correct images spread over the
     classes, explained with ``method`` at ``layer`` (gradcam.core.METHODS, gradcam.layers; None: the
-    defaults, gradcam.core.DEFAULT_METHOD / DEFAULT_LAYER). The pointing
+    defaults, gradcam.core.DEFAULT_METHOD / default_layer(crops)). The pointing
     game explains the TRUE class (it scores localisation, not classification): a hit when the map's
     peak on the resized image falls inside the object mask. ``methods`` / ``layers`` (lists, comma-separated
     names, or "all" for every method): also the pointing table over them (gradcam.pointing_table), with a
@@ -56,7 +62,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     try:
         chosen = crop_mode(crops).name
         check_positive("limit", limit)
-        method, layer = method_key(method or DEFAULT_METHOD), layer or DEFAULT_LAYER
+        method, layer = method_key(method or DEFAULT_METHOD), layer or default_layer(crops)
         table_methods = _names(methods, list(METHODS), method_key, method)
         table_layers = _names(layers, None, str, layer)
         path = newest_checkpoint() if checkpoint is None else os.fspath(checkpoint)
@@ -77,7 +83,8 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
         resolved, table_methods = {layer: resolved[layer]}, [method]
 
     # Pass 1: every test image's prediction and, with masks, where its true-class maps peak for each
-    # layer, crop mode and method (the methods share each layer's forward and backward pass).
+    # layer, crop mode and method (the layers share each crop mode's forward pass, the methods each
+    # layer's backward).
     failures: list[dict] = []
     outcomes: list[Outcome] = []
     tally = PointingTally(chosen, {name: {"module": found.describe(), "cells": max(map_sides(model, found, spec.crop))}
@@ -85,10 +92,13 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     for group, batch in image_groups(samples, spec, failures, progress, "grad-cam errors"):
         labels = torch.tensor([g.label for g in group])
         cams = {}
-        for name, found in resolved.items():
-            for c in _scored_modes(chosen, found, with_masks):
-                cams[(name, c)] = [per_method[0] for per_method in
-                                   method_cams(model, batch, spec, c, [labels], table_methods, found)]
+        scored = {name: _scored_modes(chosen, found, with_masks) for name, found in resolved.items()}
+        for c in dict.fromkeys(c for modes in scored.values() for c in modes):
+            names = [name for name, modes in scored.items() if c in modes]  # one forward pass for all of them
+            per_layer = layer_method_cams(model, batch, spec, c, [labels], table_methods, [resolved[n] for n in names],
+                                          display=False)  # scored only: the galleries below make their own
+            for name, per_method in zip(names, per_layer):
+                cams[(name, c)] = [sets[0] for sets in per_method]
         probs = torch.softmax(cams[(layer, chosen)][0].logits, dim=1)
         for i, image in enumerate(group):
             predicted = int(probs[i].argmax())
@@ -123,6 +133,9 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
                             f"{run_name}: correctly classified test images ({crops} crop(s)); {shown}",
                             both_classes=False, explainer=explainer),
     }
+    if (method, resolved[layer].paths) != (REFERENCE_METHOD, resolve_layer(model, REFERENCE_LAYER).paths):
+        galleries["side_by_side"] = _side_by_side(model, right[:SIDE_BY_SIDE_IMAGES], spec, crops, classes,
+                                                  os.path.join(out, "side_by_side.png"), run_name, explainer)
     correct = sum(o.correct for o in outcomes)
     pointing = table = None
     if with_masks and tally.correct:
@@ -185,12 +198,32 @@ def _gallery(model: nn.Module, outcomes: list[Outcome], spec: PreprocessSpec, cr
         for i, image in enumerate(group):
             pred = int(predicted_cam.targets[i])
             prob = float(torch.softmax(predicted_cam.logits[i], dim=0)[pred])
-            views = [MapView(f"pred: {classes[pred]} ({prob:.2f})", predicted_cam.maps[i])]
+            views = [MapView(f"pred: {classes[pred]} ({prob:.2f})", predicted_cam.display[i])]
             if both_classes:
-                views.insert(0, MapView(f"true: {classes[image.label]}", true_cam.maps[i]))
+                views.insert(0, MapView(f"true: {classes[image.label]}", true_cam.display[i]))
             label = os.path.basename(image.path) if both_classes else classes[image.label]
             rows.append(GalleryRow(image.resized, label, views))
     return save_gallery(path, rows, title, columns=2 if both_classes else 3) if rows else None
+
+
+def _side_by_side(model: nn.Module, outcomes: list[Outcome], spec: PreprocessSpec, crops, classes: list[str],
+                  path: str, run_name: str, explainer: tuple[str, Layer]) -> str | None:
+    """Correctly classified images, each with Grad-CAM at ``last`` beside ``explainer``'s map (true class)."""
+    if not outcomes:
+        return None
+    baseline_layer = resolve_layer(model, REFERENCE_LAYER)
+    mine = f"{method_name(explainer[0])} {explainer[1].name}"
+    baseline = f"{method_name(REFERENCE_METHOD)} {baseline_layer.name}"
+    rows, failures = [], []
+    for group, batch in image_groups([o.sample for o in outcomes], spec, failures, False, "side by side"):
+        labels = torch.tensor([g.label for g in group])
+        (chosen,) = image_cams(model, batch, spec, crops, [labels], *explainer)
+        (reference,) = image_cams(model, batch, spec, crops, [labels], REFERENCE_METHOD, baseline_layer)
+        for i, image in enumerate(group):
+            rows.append(GalleryRow(image.resized, classes[image.label],
+                                   [MapView(baseline, reference.display[i]), MapView(mine, chosen.display[i])]))
+    title = f"{run_name}: {mine} beside {baseline} ({crops} crop(s), true class)"
+    return save_gallery(path, rows, title, columns=2) if rows else None
 
 
 def _round_robin(outcomes: list[Outcome], limit: int) -> list[Outcome]:

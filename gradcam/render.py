@@ -32,7 +32,9 @@ def render_errors(r: dict) -> str:
         return _error_line(r)
     lines = [f"{r['checkpoint']}: {r['images']['n_images']} test images, {r['crops']} crop(s), top-1 {r['top1']:.1f}%, "
              f"{r['misclassified']} misclassified; maps: {method_name(r['method'])} at {r['layer']}",
-             f"  galleries: {r['galleries']['errors']} (errors), {r['galleries']['correct']} (correct)"]
+             f"  galleries: {r['galleries']['errors']} (errors), {r['galleries']['correct']} (correct)"
+             + (f", {r['galleries']['side_by_side']} (beside Grad-CAM at last)" if r["galleries"].get("side_by_side")
+                else "")]
     pointing = r.get("pointing_game")
     if pointing:
         for key in [k for k in ("1_crop", "10_crops", "dense") if k in pointing]:

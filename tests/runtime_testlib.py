@@ -8,6 +8,8 @@ images, which is what backend agreement needs (random weights give near-ties).
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +112,14 @@ def reference(run):
     """The held-out images, their labels and torchvision's ten-crop logits for them."""
     paths, labels = held_out_images(run)
     return paths, labels, torchvision_ten_crop_logits(run["checkpoint"], paths)
+
+
+def tampered_copy(export_dir, graph_name: str, folder) -> tuple[Path, bytes]:
+    """A copy of ``export_dir`` in ``folder`` whose graph ``graph_name`` has one byte flipped, and those bytes."""
+    copy = Path(folder) / "tampered"
+    shutil.copytree(export_dir, copy)
+    graph = copy / graph_name
+    data = bytearray(graph.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    graph.write_bytes(bytes(data))
+    return copy, bytes(data)

@@ -16,7 +16,8 @@ from cnnbench.bench.mlperf import run_mlperf  # noqa: E402
 from cnnbench.bench.mlperf_logs import performance_result, read_accuracy_log, read_detail  # noqa: E402
 from cnnbench.bench.mlperf_report import render_mlperf  # noqa: E402
 from cnnbench.bench.mlperf_scenarios import (SCENARIOS, Calibration, RunOptions, early_stopping_queries,  # noqa: E402
-                                             search_server, loadgen_settings)
+                                             SERVER_TRIAL_CAP_S, loadgen_settings, next_server_step, search_server,
+                                             simulated_server_edge)
 from cnnbench.bench.mlperf_sut import BatchingSUT, Inference, SampleLibrary, run_test  # noqa: E402
 from cnnbench.common.errors import InputError  # noqa: E402
 from cnnbench.data.folder import scan_folder  # noqa: E402
@@ -150,20 +151,66 @@ def test_a_failing_model_ends_the_test_with_its_error_not_a_hang(workspace, tmp_
                  str(tmp_path))
 
 
-def test_server_search_brackets_the_edge():
-    edge = 137.0
-    tried = []
-
+def _edge_trial(edge, tried, noisy=()):
+    """A fake Server run: VALID up to ``edge`` QPS, except the rates in ``noisy`` (which flip)."""
     def trial(qps):
         tried.append(qps)
-        valid = qps <= edge
+        valid = (qps <= edge) != any(abs(qps - n) < 1e-6 for n in noisy)
         return {"validity": "VALID" if valid else "INVALID", "invalid_reason": None if valid else "too fast"}
+    return trial
 
-    best, trials = search_server(trial, 100.0, trials=10, min_queries=1, seconds=0.1, log=lambda m: None)
+
+@pytest.mark.parametrize("start, most", [(100.0, 5), (137.0, 3), (200.0, 6), (40.0, 9), (1000.0, 9)])
+def test_server_search_brackets_the_edge_and_proves_it_at_1_2x(start, most):
+    edge, tried = 137.0, []
+    best, trials, proof = search_server(_edge_trial(edge, tried), start, trials=12, min_queries=1, seconds=0.1,
+                                        log=lambda m: None)
     invalid = min(t["target_qps"] for t in trials if t["validity"] == "INVALID")
     assert best["target_qps"] <= edge < invalid <= 1.1 * best["target_qps"]
-    best, trials = search_server(trial, 100.0, trials=2, min_queries=1, seconds=0.1, log=lambda m: None)
-    assert len(trials) == 2  # bounded in count
+    assert proof["validity"] == "INVALID" and proof["target_qps"] == pytest.approx(1.2 * best["target_qps"])
+    assert proof in trials and len(trials) == len(set(tried)) <= most  # no rate twice; few runs near the edge
+
+
+def test_server_search_step_rules():
+    assert next_server_step({0: False}) == -4               # nothing VALID: 1.44x lower
+    assert next_server_step({0: True}) == 2                 # nothing INVALID above: 1.2x higher
+    assert next_server_step({0: False, -4: True}) == -2     # bisect the bracket
+    assert next_server_step({0: True, 1: False}) == 2       # within 10 %: the 1.2x proof is still to run
+    assert next_server_step({0: True, 1: False, 2: False}) is None
+    assert next_server_step({0: True, 2: False, 1: True}) == 3   # a better VALID rate needs its own proof
+    assert next_server_step({0: False, -4: False}) == -8 and next_server_step({0: True, 2: True}) == 4  # galloping
+    # noise: an INVALID rate below a VALID one; the highest VALID rate counts
+    assert next_server_step({0: True, 2: True, 3: False, 4: False, 1: False}) is None
+
+
+def test_server_search_moves_on_when_the_proof_run_is_valid():
+    """Noise made the run at 1.2x VALID: that rate is the better answer, and it needs its own proof."""
+    tried = []
+    best, trials, proof = search_server(_edge_trial(100.0, tried, noisy=(120.0,)), 100.0, trials=12, min_queries=1,
+                                        seconds=0.1, log=lambda m: None)
+    assert best["target_qps"] == pytest.approx(120.0) and proof["validity"] == "INVALID"
+    assert proof["target_qps"] == pytest.approx(144.0)
+
+
+def test_server_search_is_bounded_and_reports_a_missing_proof():
+    best, trials, proof = search_server(_edge_trial(1e9, []), 100.0, trials=2, min_queries=1, seconds=0.1,
+                                        log=lambda m: None)
+    assert len(trials) == 2 and best["target_qps"] == pytest.approx(120.0) and proof is None
+    best, trials, proof = search_server(_edge_trial(1.0, []), 100.0, trials=3, min_queries=1, seconds=0.1,
+                                        log=lambda m: None)
+    assert best is None and proof is None and len(trials) == 3
+    tried = []  # a start too slow for early stopping's queries within the cap: the slowest rate that fits, once
+    best, trials, proof = search_server(_edge_trial(0.5, tried), 0.001, trials=5, min_queries=SERVER_TRIAL_CAP_S,
+                                        seconds=0.1, log=lambda m: None)
+    assert tried == [pytest.approx(1.0)] and best is None
+
+
+def test_server_start_is_the_simulated_edge_of_the_calibrated_sut():
+    calibration = Calibration(single_s=0.01, multi_s=0.03, batch_images_per_s=8 / 0.03)
+    start = simulated_server_edge(calibration, 8, bound_s=0.1, wait_s=0.005)
+    assert 0.3 * calibration.batch_images_per_s < start < calibration.batch_images_per_s
+    assert simulated_server_edge(calibration, 8, bound_s=0.2, wait_s=0.005) > start   # a looser bound: faster
+    assert simulated_server_edge(calibration, 8, bound_s=0.005, wait_s=0.0) == calibration.batch_images_per_s
 
 
 # --- the command on real models ------------------------------------------------------------------------
@@ -187,7 +234,9 @@ def test_every_scenario_is_valid_and_accuracy_mode_equals_eval(workspace, tmp_pa
     by = {(r["backend"], r["scenario"]): r for r in rows}
     assert by[("torch", "multistream")]["queries"] >= 662 and by[("torch", "singlestream")]["queries"] >= 64
     server = by[("onnxruntime", "server")]["server"]
-    assert server["target_qps"] > 0 and server["latency_bound_ms"] == 200
+    assert server["target_qps"] > 0 and server["latency_bound_ms"] == 200 and server["start_qps"] > 0
+    proof = server["edge_proof"]
+    assert proof is None or proof["target_qps"] == pytest.approx(1.2 * server["target_qps"])
     assert by[("onnxruntime", "offline")]["closed_loop_images_per_s"] > 0
     assert result["ok"] and json.load(open(result["json"]))["rows"][0]["target"] == "tiny"
     text = render_mlperf(result)
@@ -228,3 +277,29 @@ def test_cli_bad_option_is_one_line(workspace, monkeypatch, capsys):
     assert exited.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: unknown scenario 'sever'; choose from offline, server, "
                                                "singlestream, multistream")
+
+
+def test_bench_scenario_runs_the_mlperf_command(workspace, tmp_path, monkeypatch, capsys):
+    """bench --scenario is run_mlperf with bench's options; its batch default is mlperf's, not the closed loop's."""
+    from cnnbench import cli
+
+    monkeypatch.setattr(sys, "argv", ["cnnbench", "bench", workspace["checkpoint"], "--scenario", "singlestream",
+                                      "--backend", "torch", "--precision", "fp32", "--crops", "1", "--threads", "1",
+                                      "--seconds", "0.3", "--out", str(tmp_path / "run"), "--json"])
+    cli.main()
+    result = json.loads(capsys.readouterr().out)
+    (row,) = result["rows"]
+    assert result["scenarios"] == ["singlestream"] and result["modes"] == ["performance", "accuracy"]
+    assert row["validity"] == "VALID" and row["accuracy"]["matches_eval"] and row["batch"] == 8
+    assert result["json"] == str(tmp_path / "run" / "mlperf.json")
+
+
+def test_bench_scenario_refuses_closed_loop_options(workspace, monkeypatch, capsys):
+    from cnnbench import cli
+
+    monkeypatch.setattr(sys, "argv", ["cnnbench", "bench", workspace["checkpoint"], "--scenario", "offline",
+                                      "--mode", "end-to-end", "--iters", "3"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == 2
+    assert "--mode, --iters: closed-loop option(s), meaningless with --scenario" in capsys.readouterr().err

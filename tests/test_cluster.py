@@ -8,7 +8,6 @@ import shutil
 import signal
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cnnbench import runtime
@@ -17,15 +16,9 @@ from cnnbench.cluster import check_address, evaluate_on_ray, local_ray, predict_
 from cnnbench.cluster.pipeline import ModelError, plan_actors
 from cnnbench.common.device import user_threads
 from cnnbench.common.errors import InputError
-from runtime_testlib import tiny_run
+from runtime_testlib import run  # noqa: F401 (shared fixture)
 
 ACTOR_TITLE = b"ray::MapWorker(MapBatches(ModelActor))"
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    torch.manual_seed(0)
-    return tiny_run(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,8 @@ from cnnbench.data.synth import synthesize
 from cnnbench.data.transforms import resize_uint8
 from cnnbench.export import export_checkpoints, load_manifest
 from cnnbench.gradcam import gradcam_images, validate_export
-from cnnbench.gradcam.exported import ExportedCam, cam_gate_report, cam_parity, compare_maps, load_reference, pearson
+from cnnbench.gradcam.exported import (REFERENCE_LAYER, REFERENCE_METHOD, ExportedCam, cam_gate_report, cam_parity,
+                                       compare_maps, load_reference, pearson)
 from cnnbench.gradcam.tencrop import image_cam
 from cnnbench.models.checkpoint import save_checkpoint
 from cnnbench.models.registry import create_model
@@ -88,7 +89,7 @@ def test_exported_cam_matches_reference_gradcam(setup, export, precision):
     manifest = load_manifest(setup[export])
     reference, _ = load_reference(manifest)
     images = setup["images"]
-    ref = image_cam(reference, images, SPEC, crops=10)
+    ref = image_cam(reference, images, SPEC, crops=10, method=REFERENCE_METHOD, layer=REFERENCE_LAYER)
     exported = ExportedCam(manifest, precision).image_cams(images, 10, [ref.targets])[0]
     assert ref.maps.max() > 0
     # Same map in the same (logit) units: CAM of the exported features == Grad-CAM x h*w.
@@ -107,7 +108,7 @@ def test_in_graph_ten_crop_ensemble_export(setup):
     assert exported.feature_names == ["features_0", "features_1"]
     reference, _ = load_reference(manifest)
     images = setup["images"]
-    ref = image_cam(reference, images, SPEC, crops=10)
+    ref = image_cam(reference, images, SPEC, crops=10, method=REFERENCE_METHOD, layer=REFERENCE_LAYER)
     got = exported.image_cams(images, 10)[0]  # the export's own prediction
     assert got.targets.tolist() == ref.targets.tolist()
     torch.testing.assert_close(got.logits, ref.logits, rtol=1e-4, atol=1e-4)

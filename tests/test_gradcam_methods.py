@@ -14,10 +14,10 @@ from torch import nn
 from cnnbench.common.errors import InputError
 from cnnbench.data.crops import TEN
 from cnnbench.data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from cnnbench.gradcam.core import (METHODS, ClassifierCAM, EigenCAM, GradCAM, HiResCAM, LayerCAM, method_class,
-                                   upsample)
+from cnnbench.gradcam.core import (DEFAULT_LAYER, METHODS, ClassifierCAM, EigenCAM, GradCAM, HiResCAM, LayerCAM,
+                                   default_layer, method_class, upsample)
 from cnnbench.gradcam.exported import pearson
-from cnnbench.gradcam.tencrop import image_cam, image_cams, method_cams, paste_back
+from cnnbench.gradcam.tencrop import image_cam, image_cams, layer_method_cams, method_cams, paste_back
 from cnnbench.models.ensemble import Ensemble
 from cnnbench.models.registry import create_model
 
@@ -122,6 +122,24 @@ def test_methods_share_one_pass_and_match_their_single_runs():
             assert torch.equal(a.targets, b.targets)
 
 
+@pytest.mark.parametrize("arch", ["resnet26", "ensemble"])
+def test_layers_share_one_forward_pass_and_match_their_single_runs(arch):
+    """last-1 is the leaf, last is kept inside the graph that runs from it: each layer's maps (and the
+    logits) are those of a pass for that layer alone, for every method."""
+    model = tiny("resnet26") if arch == "resnet26" else Ensemble([tiny("resnet18"), tiny("xception_small", seed=1)])
+    spec = PreprocessSpec(resize=72, crop=SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    images = torch.randint(0, 256, (2, 3, 72, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([1, 3])
+    together = layer_method_cams(model, images, spec, 10, [None, labels], list(METHODS), ["last", "last-1"])
+    for layer, per_layer in zip(["last", "last-1"], together):
+        for per_target, alone in zip(per_layer, method_cams(model, images, spec, 10, [None, labels], list(METHODS),
+                                                            layer)):
+            for a, b in zip(per_target, alone):
+                torch.testing.assert_close(a.maps, b.maps)
+                torch.testing.assert_close(a.logits, b.logits)
+                assert torch.equal(a.targets, b.targets)
+
+
 @pytest.mark.parametrize("name", ["gradcam++", "layercam"])
 def test_ten_crop_map_is_the_paste_back_of_the_crop_maps(name):
     model = tiny("resnet18")
@@ -154,6 +172,10 @@ def test_dense_maps_refuse_earlier_layers():
     spec = PreprocessSpec(resize=96, crop=SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # a whole stride (32) apart
     images = torch.randint(0, 256, (1, 3, 96, 96), dtype=torch.uint8)
     assert image_cam(model, images, spec, crops="dense", method="layercam").maps.shape == (1, 96, 96)
+    # No layer named: dense mode falls back to 'last', every other mode takes DEFAULT_LAYER.
+    assert (default_layer("dense"), default_layer(10), default_layer(1)) == ("last", DEFAULT_LAYER, DEFAULT_LAYER)
+    torch.testing.assert_close(image_cam(model, images, spec, crops="dense").maps,
+                               image_cam(model, images, spec, crops="dense", layer="last").maps)
     with pytest.raises(InputError, match="dense maps exist at layer 'last' only"):
         image_cam(model, images, spec, crops="dense", layer="last-1")
 

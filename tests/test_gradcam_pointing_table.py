@@ -13,7 +13,7 @@ from cnnbench.data.spec import spec_for_crop
 from cnnbench.data.split import make_split, save_split
 from cnnbench.data.synth import synthesize
 from cnnbench.gradcam import errors_gallery
-from cnnbench.gradcam.core import METHODS
+from cnnbench.gradcam.core import DEFAULT_LAYER, DEFAULT_METHOD, METHODS, method_name
 from cnnbench.gradcam.pointing import peak_in_mask
 from cnnbench.gradcam.pointing_table import (PointingTally, pointing_table_block, render_pointing_table,
                                              save_pointing_plot)
@@ -95,7 +95,7 @@ def run(tmp_path_factory):
 
 def test_errors_gallery_tables_every_method_at_two_layers(run, tmp_path):
     result = errors_gallery(run["checkpoint"], limit=2, out=tmp_path / "e", progress=False, methods="all",
-                            layers="last,last-1")
+                            layers="last,last-1", method="gradcam", layer="last")
     json.dumps(result)
     assert result["ok"], result
     table, n = result["pointing_table"], len(run["split"].test)
@@ -112,6 +112,7 @@ def test_errors_gallery_tables_every_method_at_two_layers(run, tmp_path):
     assert (first["method"], first["layer"]) == ("gradcam", "last")
     assert game["10_crops"] == first["10_crops"] and game["ideal_map"]["cells"] == 2
     assert os.path.isfile(table["png"])
+    assert "side_by_side" not in result["galleries"]  # Grad-CAM at last is what it would be shown beside
 
 
 def test_errors_gallery_with_another_method_and_layer(run, tmp_path):
@@ -139,7 +140,7 @@ def test_cli_prints_the_table_and_refuses_a_bad_layer(run, tmp_path):
     done = runner.invoke(cli, ["gradcam", "--errors", run["checkpoint"], "--limit", "1", "--crops", "1",
                                "--methods", "gradcam,layercam", "--layers", "last-1", "--out", str(tmp_path / "t")])
     assert done.exit_code == 0, done.output
-    assert "maps: Grad-CAM at last" in done.output
+    assert f"maps: {method_name(DEFAULT_METHOD)} at {DEFAULT_LAYER}" in done.output  # no --method/--layer: the default
     assert "last-1 (layer3) 4x4  LayerCAM" in done.output and "ideal map (ceiling)" in done.output
     assert "points best with 10 crops:" in done.output
     bad = runner.invoke(cli, ["gradcam", "--errors", run["checkpoint"], "--layer", "layer9", "--json",

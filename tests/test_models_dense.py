@@ -1,5 +1,6 @@
 import copy
 import dataclasses
+import warnings
 
 import numpy as np
 import onnxruntime as ort
@@ -11,7 +12,8 @@ from torch import nn
 from cnnbench.data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from cnnbench.data.transforms import normalize
 from cnnbench.models import Ensemble, TenCropModel, create_model
-from cnnbench.models.dense import DenseGeometryError, DenseTenCropModel, dense_geometry
+from cnnbench.models.dense import (SMALL_WINDOW_CELLS, DenseGeometryError, DenseTenCropModel, SmallDenseWindowWarning,
+                                   dense_geometry)
 
 # Stride-32 trunks: crop 64 gives 2x2 maps, resize 96 gives 3x3; the corner offset is one cell and
 # the centre crop (offset 16 px) sits half a cell off the grid, as at the standard 256/224.
@@ -67,6 +69,15 @@ def test_geometry_is_measured_from_the_trunk(resnet):
     assert (xception.stride, xception.crop_cells, xception.image_cells) == (32, 10, 11)
     [padding_free] = dense_geometry(PaddingFreeNet(), dataclasses.replace(SPEC, resize=28, crop=20))
     assert (padding_free.stride, padding_free.crop_cells, padding_free.image_cells) == (4, 3, 5)
+
+
+def test_small_windows_warn_and_large_ones_do_not(resnet):
+    with pytest.warns(SmallDenseWindowWarning, match="2x2 feature cells"):
+        dense_geometry(resnet, SPEC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallDenseWindowWarning)
+        [geometry] = dense_geometry(resnet, PreprocessSpec(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD))
+    assert geometry.crop_cells == 7 >= SMALL_WINDOW_CELLS
 
 
 def test_windows_equal_slices_of_the_image_and_mirror_maps_by_hand(resnet):

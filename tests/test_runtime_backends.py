@@ -20,7 +20,7 @@ from cnnbench import runtime
 from cnnbench.runtime.ort_backend import cuda_provider_problem
 from cnnbench.runtime.pipeline import run_files
 from cnnbench.runtime.trt_backend import tensorrt_problem
-from runtime_testlib import reference, run  # noqa: F401 (shared fixtures)
+from runtime_testlib import reference, run, tampered_copy  # noqa: F401 (shared fixtures)
 
 UNIT_ROUNDOFF = {"fp16": 2.0 ** -11, "bf16": 2.0 ** -8}
 
@@ -159,14 +159,7 @@ def test_export_misuse_gets_clear_errors(run, exports, tmp_path):
 
 
 def test_a_modified_graph_is_refused_before_it_is_loaded(exports, tmp_path):
-    import shutil
-
-    copy = tmp_path / "tampered"
-    shutil.copytree(exports["crops_outside"], copy)
-    graph = copy / "model.onnx"
-    data = bytearray(graph.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    graph.write_bytes(bytes(data))
+    copy, _ = tampered_copy(exports["crops_outside"], "model.onnx", tmp_path)
     with pytest.raises(export.ExportError, match="sha256"):
         runtime.load(copy, backend="onnxruntime", device="cpu")
 

@@ -22,7 +22,7 @@ from cnnbench.runtime import selection
 from cnnbench.runtime.openvino_backend import (OpenVinoPredictor, compile_config, graph_for, openvino_precisions,
                                                openvino_problem)
 from cnnbench.runtime.pipeline import run_files
-from runtime_testlib import DENSE_SPEC, reference, run, tiny_run  # noqa: F401 (shared fixtures)
+from runtime_testlib import DENSE_SPEC, reference, run, tampered_copy, tiny_run  # noqa: F401 (shared fixtures)
 
 pytestmark = pytest.mark.skipif(openvino_problem("cpu") is not None, reason=str(openvino_problem("cpu")))
 THREADS = 1  # steady on a shared 2-core machine; the kernels' results do not depend on it
@@ -165,18 +165,14 @@ def test_device_and_misuse_errors(run, exports):
 
 
 def test_a_tampered_graph_is_refused_before_openvino_sees_it(exports, tmp_path):
-    copy = tmp_path / "tampered"
-    shutil.copytree(exports["host"], copy)
-    graph = copy / "model_int8.onnx"
-    data = bytearray(graph.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    graph.write_bytes(bytes(data))
+    copy, data = tampered_copy(exports["host"], "model_int8.onnx", tmp_path)
     with pytest.raises(export.ExportError, match="sha256"):
         runtime.load(copy, backend="openvino", precision="int8")
     # Swapped after the manifest was verified: the bytes are hashed as they are read for compiling.
+    graph = copy / "model_int8.onnx"
     shutil.copy(os.path.join(exports["host"], "model_int8.onnx"), graph)
     manifest = export.load_manifest(copy)
-    graph.write_bytes(bytes(data))
+    graph.write_bytes(data)
     with pytest.raises(export.ExportError, match="changed since the manifest was written"):
         graph_for(manifest, "int8")
 

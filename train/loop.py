@@ -2,7 +2,9 @@
 
 Reproducibility: the data order and augmentation of epoch e depend only on (seed, e), and
 `last.pt` holds the optimiser and schedule state, so `--resume` ends where an uninterrupted run
-would. Under `torchrun` the same loop trains with DistributedDataParallel.
+would. Under `torchrun` the same loop trains with DistributedDataParallel. With `--minutes` the
+run is planned from its measured speed (train/budget.py) instead of a fixed epoch count; its steps
+then depend on the machine, and `last.pt` holds the plan that `--resume` goes on with.
 """
 from __future__ import annotations
 
@@ -30,9 +32,10 @@ from cnnbench.data.split import load_split, make_split, save_split
 from cnnbench.data import synth
 from cnnbench.models import create_model, default_spec, list_models
 from cnnbench.models.checkpoint import load_checkpoint, save_checkpoint
+from cnnbench.train.budget import BudgetClock
 from cnnbench.train.ema import WeightEMA
 from cnnbench.train.history import plot_curves, write_csv
-from cnnbench.train.optim import make_optimizer, warmup_cosine
+from cnnbench.train.optim import make_optimizer, recompute_lr, scheduled, warmup_cosine
 from cnnbench.train.recipe import PROGRESSIVE_FINAL_SHARE, apply_recipe, recipe_summary
 
 
@@ -43,6 +46,7 @@ class TrainConfig:
     quick_data: bool = False            # the small embedded set (tests, demo --quick)
     # None in a recipe field (epochs ... synth_stream) means "the default recipe's" (train/recipe.py).
     epochs: Optional[int] = None
+    minutes: Optional[float] = None     # train by the clock: plan the steps to end within this training time (train/budget.py)
     batch_size: Optional[int] = None
     optimizer: Optional[str] = None     # "adamw" | "sgd" (Nesterov)
     lr: Optional[float] = None          # peak; None: the recipe's, scaled from the batch size
@@ -76,7 +80,7 @@ class TrainConfig:
 # What makes a run (TrainConfig fields, after the recipe filled the unset ones): a run is resumed or
 # reused only when all of these, its data and its preprocessing match. The device, workers, names and
 # progress bars change nothing that is learned; the precision is compared with the last of its `parts`.
-IDENTITY_FIELDS = ("arch", "width_mult", "epochs", "batch_size", "optimizer", "lr", "weight_decay", "dropout",
+IDENTITY_FIELDS = ("arch", "width_mult", "epochs", "minutes", "batch_size", "optimizer", "lr", "weight_decay", "dropout",
                    "label_smoothing", "augment", "min_scale", "ema", "progressive_from", "synth_stream", "seed",
                    "initial_checkpoint", "weights")
 
@@ -102,6 +106,11 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
             and not config.resume):
         raise InputError("xception_pretrained fine-tunes ImageNet weights: pass --weights PATH (a local timm "
                          "legacy_xception state_dict; nothing is downloaded) or --initial-checkpoint")
+    if config.minutes is not None and config.epochs is not None:
+        raise InputError("--minutes and --epochs both set the length of the run: pass one (--minutes plans the "
+                         "steps from the measured speed)")
+    if config.minutes is not None and not config.minutes > 0:
+        raise InputError(f"--minutes must be above 0, got {config.minutes}")
     ddp = _init_distributed(config.device)
     rank0 = not ddp or dist.get_rank() == 0
     world_size = dist.get_world_size() if ddp else 1
@@ -129,10 +138,24 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
 
     train_images = _train_set_factory(config, split, root)
     val_set = ImageDataset(split.test, eval_transform(spec, crops=1))
-    crop_sizes = epoch_crop_sizes(config.epochs, spec.crop, config.progressive_from)
     steps_per_epoch = -(-len(train_images(0, spec)) // (config.batch_size * world_size))
     optimizer = make_optimizer(model, config.optimizer, config.lr, config.weight_decay)
-    scheduler = warmup_cosine(optimizer, config.epochs * steps_per_epoch, warmup_steps=steps_per_epoch)
+    clock = None  # --minutes: the measured plan decides the steps, the LR and each epoch's crop
+    if config.minutes is not None:
+        if config.progressive_from:
+            _check_progressive_start(config.progressive_from, spec.crop)
+        so_far = resumed["record"].get("parts", []) if resumed else []
+        clock = BudgetClock(config.minutes, steps_per_epoch, config.progressive_from or 0, spec.crop,
+                            validation_batches=-(-len(val_set) // (2 * config.batch_size)),
+                            spent_seconds=sum(part["seconds"] for part in so_far),
+                            step=resumed["extra"]["budget"]["step"] if resumed else 0,
+                            state=resumed["extra"]["budget"] if resumed else None)
+        scheduler = scheduled(optimizer, lambda step: clock.lr_factor(step))
+        crop_of_epoch = clock.crop_of_epoch
+    else:
+        crop_sizes = epoch_crop_sizes(config.epochs, spec.crop, config.progressive_from)
+        scheduler = warmup_cosine(optimizer, config.epochs * steps_per_epoch, warmup_steps=steps_per_epoch)
+        crop_of_epoch = crop_sizes.__getitem__
     ema = WeightEMA(model, config.ema) if config.ema else None
     amp_dtype = AUTOCAST_DTYPES[precision]
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -154,16 +177,23 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
         "config": dataclasses.asdict(config), "identity": identity, "device": str(device),
     })
     started = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
+    epoch = start_epoch
+    while (epoch < config.epochs) if clock is None else not clock.finished():
         t0 = time.perf_counter()
-        epoch_spec = _with_crop(spec, crop_sizes[epoch])
+        epoch_spec = _with_crop(spec, crop_of_epoch(epoch))
         loader = _epoch_loader(train_images(epoch, epoch_spec), config, epoch, workers, ddp, device)
+        if clock is not None:
+            clock.epoch_started()
+        of = f"/{config.epochs}" if clock is None else f" (step {clock.step}/{clock.plan.total_steps})"
         train_loss, train_top1 = _train_epoch(
             net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped, ema,
-            desc=f"{config.arch} epoch {epoch + 1}/{config.epochs}", show=rank0 and config.progress,
-            bar_row=config.progress_row, threads=threads)
+            desc=f"{config.arch} epoch {epoch + 1}{of}", show=rank0 and config.progress,
+            bar_row=config.progress_row, threads=threads, clock=clock, crop=epoch_spec.crop)
         row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0], "crop": epoch_spec.crop,
                "train_loss": train_loss, "train_top1": train_top1}
+        if clock is not None:
+            row["step"] = clock.step
+            clock.epoch_end_begins()
         if rank0:
             row.update(_validate(evaluated, val_set, config, amp_dtype, device, criterion, workers, skipped))
             row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -172,7 +202,11 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
                 parts.append({"epochs": [epoch + 1, epoch + 1], "precision": precision, "device": str(device),
                               "seconds": 0.0})
             parts[-1]["epochs"][1] = epoch + 1
-            parts[-1]["seconds"] = round(parts[-1]["seconds"] + row["seconds"], 2)
+            # A budget counts every second of the loop (checkpoints and curves too): what --resume has left.
+            parts[-1]["seconds"] = round(clock.part_seconds() if clock is not None
+                                         else parts[-1]["seconds"] + row["seconds"], 2)
+            if clock is not None:
+                record["budget"] = _budget_record(clock, scheduler, config.batch_size * world_size)
             record.update(history=history, epochs_done=epoch + 1, skipped_images=sorted(skipped.items()), parts=parts)
             meta = dict(arch=config.arch, classes=split.classes, spec=spec, model_kwargs=model_kwargs)
             if row["val_top1"] > best_top1:
@@ -186,6 +220,8 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
                 state["trained_weights"] = model.state_dict()  # the checkpoint holds the average
             if scaler.is_enabled():  # fp16's loss scale: a resumed run goes on with it, not from 65536
                 state["scaler"] = scaler.state_dict()
+            if clock is not None:
+                state["budget"] = clock.state()
             save_checkpoint(run_dir / "last.pt", evaluated, record=record, extra=state, **meta)
             write_csv(history, run_dir / "metrics.csv")
             plot_curves(history, run_dir / "curves.png", f"{config.arch} on {Path(root).name}")
@@ -196,6 +232,12 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
                 on_epoch_end(epoch + 1, row)
         if ddp:
             dist.barrier()
+        if clock is not None:
+            plan = clock.plan
+            clock.epoch_ended()
+            if clock.plan is not plan and not clock.finished():
+                recompute_lr(scheduler)
+        epoch += 1
     if ddp:
         dist.destroy_process_group()
     if not rank0:
@@ -212,8 +254,20 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
         "world_size": world_size, "recipe": recipe_summary(config), "identity": identity,
         "device": str(device), "precision": precision, "parts": parts, "skipped_images": sorted(skipped.items()),
     }
+    if clock is not None:
+        summary["budget"] = _budget_record(clock, scheduler, config.batch_size * world_size)
     atomic_write_json(run_dir / "train.json", summary)
     return summary
+
+
+def _budget_record(clock: BudgetClock, scheduler, images_per_step: int) -> dict:
+    """A --minutes run's plan and what happened (train.json, the checkpoints' record)."""
+    plan = clock.plan
+    return {"minutes": plan.minutes, "planned_steps": plan.total_steps, "done_steps": clock.step,
+            "images": clock.step * images_per_step,
+            "seconds": round(clock.spent_seconds(), 2), "final_lr": scheduler.get_last_lr()[0],
+            "switch_step": plan.switch_step, "warmup_steps": plan.warmup_steps, "plan": plan.to_dict(),
+            "plans": clock.plans}
 
 
 def resolve_run(config: TrainConfig, device: torch.device) -> tuple[str, PreprocessSpec, TrainConfig, str]:
@@ -322,10 +376,14 @@ def epoch_crop_sizes(epochs: int, final: int, start: Optional[int]) -> list[int]
     the network to the test size); None or 0: ``final`` throughout."""
     if not start or epochs < 2:
         return [final] * epochs
-    if not 16 <= start <= final:
-        raise InputError(f"progressive resizing must start between 16 px and the final crop ({final} px), got {start}")
+    _check_progressive_start(start, final)
     at_final = max(1, round(epochs * PROGRESSIVE_FINAL_SHARE))
     return [start] * (epochs - at_final) + [final] * at_final
+
+
+def _check_progressive_start(start: int, final: int) -> None:
+    if not 16 <= start <= final:
+        raise InputError(f"progressive resizing must start between 16 px and the final crop ({final} px), got {start}")
 
 
 def _with_crop(spec: PreprocessSpec, crop: int) -> PreprocessSpec:
@@ -379,7 +437,8 @@ def _epoch_loader(dataset, config: TrainConfig, epoch: int, workers: int, ddp: b
 
 
 def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, amp_dtype, device, config, skipped, ema,
-                 desc, show, bar_row, threads):
+                 desc, show, bar_row, threads, clock: Optional[BudgetClock] = None, crop: int = 0):
+    """One epoch's steps; with a budget ``clock``, it stops at the plan's last step (the last epoch is cut)."""
     net.train()
     loss_sum, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, disable=not show, file=sys.stderr, leave=False, dynamic_ncols=True, position=bar_row)
@@ -408,6 +467,13 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, amp_dtype
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
         bar.set_postfix(loss=f"{loss_sum / seen:.3f}", top1=f"{100 * correct / seen:.1f}%")
+        if clock is not None:
+            plan = clock.plan
+            going_on = clock.step_done(crop)
+            if clock.plan is not plan and going_on:  # (a plan that ends here has no step left to set an LR for)
+                recompute_lr(scheduler)
+            if not going_on:
+                break
     totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -37,3 +38,15 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ste
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def scheduled(optimizer: torch.optim.Optimizer, factor: Callable[[int], float]):
+    """A per-step schedule given as the share of the peak LR at each step (a --minutes run's plan,
+    train.budget.Plan.lr_factor, which a re-plan replaces as the run goes)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def recompute_lr(scheduler) -> None:
+    """Set the LR again for the scheduler's current step, after its factor function changed (a re-plan)."""
+    scheduler.last_epoch -= 1
+    scheduler.step()

@@ -70,6 +70,8 @@ def apply_recipe(config, final_crop: int):
     chosen = {f: getattr(config, f) for f in ("epochs", "batch_size", "optimizer", "label_smoothing", "augment",
                                               "min_scale", "ema")}
     filled = {f: getattr(recipe, f) if value is None else value for f, value in chosen.items()}
+    if config.minutes is not None:  # train by the clock: the plan decides the steps, there are no fixed epochs
+        filled["epochs"] = None
     own = recipe if filled["optimizer"] == recipe.optimizer else Recipe(**{
         **dataclasses.asdict(recipe), **OTHER_OPTIMIZER[filled["optimizer"]]})
     filled["lr"] = own.lr_per_32 * filled["batch_size"] / 32 if config.lr is None else config.lr
@@ -86,14 +88,15 @@ def apply_recipe(config, final_crop: int):
 
 def recipe_summary(config) -> str:
     """One line naming what a run was trained with (train.json, the demo's report)."""
-    parts = [f"{config.epochs} epochs", f"batch {config.batch_size}", f"{config.optimizer} lr {config.lr:g}",
+    length = f"{config.epochs} epochs" if config.minutes is None else f"{config.minutes:g} minutes of training"
+    parts = [length, f"batch {config.batch_size}", f"{config.optimizer} lr {config.lr:g}",
              f"weight decay {config.weight_decay:g}", f"label smoothing {config.label_smoothing:g}",
              f"{config.augment} augmentation"]
     if config.ema:
         parts.append(f"EMA {config.ema:g}")
     if config.progressive_from:
         parts.append(f"progressive resizing: {config.progressive_from} px, the test crop for the last "
-                     f"{PROGRESSIVE_FINAL_SHARE:.0%} of the epochs")
+                     f"{PROGRESSIVE_FINAL_SHARE:.0%} of the {'epochs' if config.minutes is None else 'steps'}")
     if config.synth_stream:
         parts.append(f"{config.synth_stream} fresh images per class per epoch")
     return ", ".join(parts)
