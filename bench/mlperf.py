@@ -170,7 +170,7 @@ class _Session:
             calibration, closed_loop = target.calibrate(self.options.seconds)
         except Exception as exc:  # noqa: BLE001 - one target that cannot load or run must not sink the others
             self.log(f"{label}: FAILED: {exc}")
-            del target
+            target = None  # its model's memory, before the next row loads
             release_memory(self.device)
             return [{**base, "scenario": s, "error": f"{type(exc).__name__}: {exc}"} for s in self.scenarios]
         self.log(f"{label}: closed loop {closed_loop:.2f} img/s (SUT step {calibration.batch_images_per_s:.2f}) at "
