@@ -11,6 +11,7 @@ from PIL import Image
 
 from cnnbench.models.checkpoint import load_checkpoint
 from cnnbench.train import TrainConfig, train_model
+from train_testlib import Interrupted, stop_after
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,15 +53,8 @@ def test_existing_run_is_not_overwritten(tmp_path):
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     full = train_model(tiny_config(tmp_path, name="full", epochs=2))
 
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_one(epoch, _row):
-        if epoch == 1:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        train_model(tiny_config(tmp_path, name="resumed", epochs=2), on_epoch_end=stop_after_one)
+        train_model(tiny_config(tmp_path, name="resumed", epochs=2), on_epoch_end=stop_after(1))
     resumed = train_model(tiny_config(tmp_path, name="resumed", epochs=2, resume=True))
     a = torch.load(Path(full["last"]), weights_only=True)
     b = torch.load(Path(resumed["last"]), weights_only=True)

@@ -12,6 +12,7 @@ from cnnbench.train import TrainConfig, train_model
 from cnnbench.train import budget
 from cnnbench.train.budget import BudgetClock, first_plan, plan_budget
 from cnnbench.train.loop import RunMismatchError
+from train_testlib import Interrupted, stop_after
 
 E = 160  # steps per epoch, as the full embedded set's stream at batch 32
 
@@ -20,7 +21,12 @@ def predicted(plan, done, spent, speeds, epoch_end, start, final):
     """Seconds a plan's remaining steps and validations cost at these speeds (the planner's model, spelled out)."""
     at_start = max(0, min(plan.total_steps, plan.switch_step) - done) if plan.switch_step else 0
     at_final = plan.total_steps - done - at_start
-    validations = math.ceil(plan.total_steps / E) - done // E
+    switch, total = plan.switch_step, plan.total_steps
+    if done < switch < total:  # whole epochs to the switch, which cuts the one under way; whole epochs from there
+        validations = math.ceil(switch / E) - done // E + math.ceil((total - switch) / E)
+    else:
+        origin = switch if 0 < switch <= done else 0
+        validations = math.ceil((total - origin) / E) - (done - origin) // E
     return spent + at_start * speeds.get(start, 0) + at_final * speeds[final] + validations * epoch_end
 
 
@@ -30,12 +36,12 @@ def test_first_plan_fills_the_budget_with_warmup_switch_and_decay_to_zero():
     seconds = predicted(plan, 8, 4.0, speeds, 5.0, 64, 96)
     assert seconds == pytest.approx(plan.predicted_seconds, abs=0.01) and seconds <= 600
     assert 600 - seconds < 1.2 + 5.0  # one more step (and its validation) would not fit
-    # By hand: 792 steps at 64 px (0.5 s) to the switch at 800, then 141 at 96 px (1.2 s), six validations (5 s):
-    # 4 + 396 + 169.2 + 30 = 599.2 s; a 942nd step would end at 600.4 s.
-    assert plan.total_steps == 941 and plan.warmup_steps == E  # one epoch, under a fifth of the steps
-    # The switch: an epoch boundary, nearest the last PROGRESSIVE_FINAL_SHARE (20 %) of the steps.
-    assert plan.switch_step % E == 0 and plan.switch_step == 800
-    assert abs((plan.total_steps - plan.switch_step) / plan.total_steps - 0.2) < E / plan.total_steps
+    # By hand: 698 steps at 64 px (0.5 s) to the switch at 706, then 176 at 96 px (1.2 s), seven validations
+    # (5 s; six epoch ends and the cut at the switch): 4 + 349 + 211.2 + 35 = 599.2 s; with an 883rd step the
+    # final crop's share is 177 steps (switch at 706): 600.4 s.
+    assert plan.total_steps == 882 and plan.warmup_steps == E  # one epoch, under a fifth of the steps
+    # The switch: the last PROGRESSIVE_FINAL_SHARE (20 %) of the steps, the epoch under way cut there.
+    assert plan.switch_step == 706 and plan.total_steps - plan.switch_step == round(0.2 * plan.total_steps)
     # The LR: the warm-up begun before the plan goes on without a jump, peaks at the warm-up's end, is 0 at the end.
     before = first_plan(10, E, progressive=True)
     assert plan.lr_factor(8) == pytest.approx(before.lr_factor(8)) == pytest.approx(9 / (E + 1))
@@ -43,7 +49,7 @@ def test_first_plan_fills_the_budget_with_warmup_switch_and_decay_to_zero():
     assert plan.lr_factor(plan.total_steps - 1) > 0 and plan.lr_factor(plan.total_steps) == 0.0
     factors = [plan.lr_factor(k) for k in range(E, plan.total_steps + 1)]
     assert all(a >= b for a, b in zip(factors, factors[1:]))  # decays monotonically after the warm-up
-    assert not plan.final_crop_from(4) and plan.final_crop_from(5)
+    assert not plan.at_final_crop(705) and plan.at_final_crop(706)
 
 
 def test_replan_after_a_slowdown_keeps_the_lr_continuous_and_the_end_at_the_budget():
@@ -59,7 +65,7 @@ def test_replan_after_a_slowdown_keeps_the_lr_continuous_and_the_end_at_the_budg
     assert seconds <= 600 and 600 - seconds < slow[96] + 5.0
     assert again.lr_factor(400) == pytest.approx(plan.lr_factor(400))  # no jump
     assert again.lr_factor(again.total_steps) == 0.0 and again.lr_factor(again.total_steps - 1) > 0
-    assert again.switch_step % E == 0 and again.switch_step >= 480  # the epoch under way keeps its crop
+    assert again.switch_step == again.total_steps - round(0.2 * again.total_steps) > 400
     assert again.warmup_steps == plan.warmup_steps and again.anchor_step == 400
     # A sibling finishes and its cores are taken over: faster, so more steps, still ending at the budget.
     faster = plan_budget(again, 500, spent + 100 * 0.75 + 5.0, {64: 0.3, 96: 0.7}, 5.0, 64, 96, "speed check")
@@ -71,34 +77,33 @@ def test_replan_after_a_slowdown_keeps_the_lr_continuous_and_the_end_at_the_budg
 def test_switch_stays_once_passed_and_a_spent_budget_stops_at_once():
     plan = plan_budget(first_plan(10, E, progressive=True), 8, 4.0, {64: 0.5}, 5.0, 64, 96, "measured")
     later = plan_budget(plan, 820, 500.0, {64: 0.5, 96: 2.0}, 5.0, 64, 96, "speed check")
-    assert later.switch_step == plan.switch_step == 800 and later.total_steps > 820
+    assert plan.switch_step < 820 and later.switch_step == plan.switch_step and later.total_steps > 820
     spent = plan_budget(plan, 820, 600.5, {64: 0.5, 96: 2.0}, 5.0, 64, 96, "speed check")
     assert spent.total_steps == 820 and spent.lr_factor(820) == 0.0
     flat = plan_budget(first_plan(1, 20, progressive=False), 8, 1.0, {48: 0.1}, 0.5, 0, 48, "measured")
-    assert flat.switch_step == 0 and flat.final_crop_from(0)
+    assert flat.switch_step == 0 and flat.at_final_crop(0)
     assert flat.total_steps == 8 + math.floor((60 - 1.0 - math.ceil(flat.total_steps / 20) * 0.5) / 0.1)
 
 
 def fake_run(monkeypatch, clock_args: dict, step_seconds, epoch_end: float = 1.0) -> tuple[BudgetClock, list]:
     """Drive a BudgetClock as train_model does, on a made-up timer: ``step_seconds(step, crop)`` per step;
-    returns the clock and each epoch's crop."""
+    returns the clock and each epoch's (first step, steps, crop)."""
     now = [0.0]
     monkeypatch.setattr(budget, "_now", lambda: now[0])
     clock = BudgetClock(**clock_args)
-    crops, epoch = [], 0
+    epochs = []
     while not clock.finished():
-        crop = clock.crop_of_epoch(epoch)
-        crops.append(crop)
+        crop, first = clock.crop(), clock.step
         clock.epoch_started()
         for _ in range(clock.plan.steps_per_epoch):
             now[0] += step_seconds(clock.step, crop)
             if not clock.step_done(crop):
                 break
+        epochs.append((first, clock.step - first, crop))
         clock.epoch_end_begins()
         now[0] += epoch_end
         clock.epoch_ended()
-        epoch += 1
-    return clock, crops
+    return clock, epochs
 
 
 def test_clock_on_a_fake_timer_plans_replans_and_stops_at_the_plan(monkeypatch):
@@ -116,14 +121,17 @@ def test_clock_on_a_fake_timer_plans_replans_and_stops_at_the_plan(monkeypatch):
 def test_clock_measures_the_final_crop_once_it_trains_there(monkeypatch):
     """Progressive resizing on a made-up timer: the 48 px step costs 3x the 32 px one, not the 2.25x of the
     pixels that the plan assumes until it gets there; the re-plan then shortens the run to fit."""
-    clock, crops = fake_run(monkeypatch, dict(minutes=1.0, steps_per_epoch=40, start_crop=32, final_crop=48,
-                                              validation_batches=5), lambda step, crop: 0.1 if crop == 32 else 0.3)
+    clock, epochs = fake_run(monkeypatch, dict(minutes=1.0, steps_per_epoch=40, start_crop=32, final_crop=48,
+                                               validation_batches=5), lambda step, crop: 0.1 if crop == 32 else 0.3)
     reasons = [p["reason"] for p in clock.plans]
     assert reasons[0] == "measured" and "measured at 48 px" in reasons
     first = clock.plans[0]
     assert first["step_seconds"] == {"32": 0.1, "48": pytest.approx(0.225)}
     switch = clock.plan.switch_step
-    assert switch % 40 == 0 and crops == [32] * (switch // 40) + [48] * (len(crops) - switch // 40)
+    assert switch % 40 and 0 < switch < clock.step  # mid-epoch: the epoch under way is cut there
+    assert [crop for _, _, crop in epochs] == [48 if first >= switch else 32 for first, _, _ in epochs]
+    ends = [first + steps for first, steps, _ in epochs]
+    assert switch in ends and all((end if end < switch else end - switch) % 40 == 0 for end in ends[:-1])
     assert clock.plan.total_steps < first["total_steps"] and clock.step == clock.plan.total_steps
     assert 60 - 1.0 <= clock.spent_seconds() <= 60 + 0.3
 
@@ -165,19 +173,14 @@ def test_a_budget_run_does_the_planned_steps_and_ends_at_lr_zero(tmp_path, ticki
     history = torch.load(summary["last"], weights_only=True)["record"]["history"]
     assert history[-1]["step"] == record["done_steps"] and history[-1]["lr"] <= 1e-9
     assert summary["epochs"] == len(history) == math.ceil(record["done_steps"] / record["plan"]["steps_per_epoch"])
+    assert [row["step"] for row in history[:-1]] == [  # one crop throughout: only whole epochs end early
+        (k + 1) * record["plan"]["steps_per_epoch"] for k in range(len(history) - 1)]
     assert "0.04 minutes of training" in summary["recipe"] and summary["identity"]["minutes"] == 0.04
 
 
 def test_resume_keeps_the_plan_and_refuses_another_budget(tmp_path, ticking_clock):
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_one(epoch, _row):
-        if epoch == 1:
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        train_model(tiny_config(tmp_path, minutes=0.05), on_epoch_end=stop_after_one)
+        train_model(tiny_config(tmp_path, minutes=0.05), on_epoch_end=stop_after(1))
     saved = torch.load(tmp_path / "runs" / "resnet18" / "last.pt", weights_only=True)
     before = saved["extra"]["budget"]
     with pytest.raises(RunMismatchError, match="minutes 0.05 → 0.2"):
@@ -193,12 +196,12 @@ def test_resume_keeps_the_plan_and_refuses_another_budget(tmp_path, ticking_cloc
         assert len(resumed["parts"]) == 2
 
 
-def test_progressive_resizing_switches_crop_at_the_planned_epoch(tmp_path, ticking_clock):
+def test_progressive_resizing_switches_crop_at_the_planned_step(tmp_path, ticking_clock):
     summary = train_model(tiny_config(tmp_path, image_size=48, resize=80, progressive_from=32))
     plan = summary["budget"]["plan"]
     history = torch.load(summary["last"], weights_only=True)["record"]["history"]
-    assert [row["crop"] for row in history] == [
-        48 if plan["switch_step"] <= epoch * plan["steps_per_epoch"] else 32 for epoch in range(len(history))]
+    firsts = [0] + [row["step"] for row in history[:-1]]  # each epoch's first step
+    assert [row["crop"] for row in history] == [48 if first >= plan["switch_step"] else 32 for first in firsts]
     assert summary["budget"]["done_steps"] == plan["total_steps"] and summary["spec"]["crop"] == 48
     assert {row["crop"] for row in history} == {32, 48}  # the budget holds more than two epochs: both sizes train
 

@@ -18,6 +18,7 @@ from cnnbench.models import create_model, default_spec
 from cnnbench.models.checkpoint import load_checkpoint, save_checkpoint
 from cnnbench.train import TrainConfig, train_model
 from cnnbench.train.loop import RunMismatchError
+from train_testlib import Interrupted, stop_after
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -28,17 +29,6 @@ def tiny_config(tmp_path, **overrides) -> TrainConfig:
                 image_size=32, out=str(tmp_path / "runs"), progress=False, seed=1, device="cpu")
     base.update(overrides)
     return TrainConfig(**base)
-
-
-class Interrupted(Exception):
-    pass
-
-
-def stop_after(epochs: int):
-    def callback(epoch, _row):
-        if epoch == epochs:
-            raise Interrupted
-    return callback
 
 
 @pytest.mark.parametrize("fast_bf16", [True, False])

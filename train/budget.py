@@ -7,8 +7,10 @@ returns a schedule; ``BudgetClock`` measures them during the run and re-plans wh
 
 An epoch stays the data unit (the stored split, or the synthetic stream's images of one epoch) at whose end
 the run validates and checkpoints; the last epoch is cut at the planned step. Progressive resizing switches
-crop at an epoch boundary (an epoch's images are made at one size): the one nearest to the last
-PROGRESSIVE_FINAL_SHARE of the planned steps.
+crop for the last PROGRESSIVE_FINAL_SHARE of the planned steps: an epoch's images are made at one size, so
+the epoch under way is cut at the switch (validated and checkpointed there) and whole epochs at the final
+crop follow. At the epoch boundary nearest the share instead, a budget of a few
+epochs (the demo's: ~3 for ResNet26) put half of its steps, or none, at the final crop.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class Plan:
     minutes: float
     total_steps: int
     warmup_steps: int
-    switch_step: int              # first step at the final crop (an epoch boundary); 0: one crop throughout
+    switch_step: int              # first step at the final crop (the epoch under way is cut there); 0: one crop throughout
     steps_per_epoch: int
     anchor_step: int              # the LR curve continues from here (the step it was planned at)...
     anchor_factor: float          # ...at this share of the peak, so a re-plan never makes it jump
@@ -78,9 +80,18 @@ class Plan:
         progress = start_progress + (1 - start_progress) * (step - start_step) / max(1, self.total_steps - start_step)
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
-    def final_crop_from(self, epoch: int) -> bool:
-        """Whether epoch ``epoch`` (0-based) trains at the final crop."""
-        return self.switch_step == 0 or epoch * self.steps_per_epoch >= self.switch_step
+    def at_final_crop(self, step: int) -> bool:
+        """Whether step ``step`` (0-based) trains at the final crop."""
+        return self.switch_step == 0 or step >= self.switch_step
+
+    def epoch_ends_after(self, done: int, total: int, switch: int) -> int:
+        """Epoch ends (validation + checkpoint) after step ``done`` up to ``total``: whole epochs from step 0,
+        the one under way cut at ``switch``, whole epochs from there, the last one cut at ``total``."""
+        E = self.steps_per_epoch
+        if not done < switch < total:  # no switch ahead: epochs counted from step 0, or from a switch passed
+            origin = switch if 0 < switch <= done else 0
+            return -(-(total - origin) // E) - (done - origin) // E
+        return -(-switch // E) - done // E + -(-(total - switch) // E)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -121,25 +132,20 @@ def plan_budget(previous: Plan, done_steps: int, spent_seconds: float, step_seco
     remaining = previous.minutes * 60 - spent_seconds
     progressive = bool(start_crop) and start_crop != final_crop
     already_final = not progressive or (0 < previous.switch_step <= done_steps)
-    # The epoch under way trains at its crop to its end: a later switch can only fall on a later boundary.
-    earliest_switch = max(E, -(-done_steps // E) * E)
 
     def switch(total: int) -> int:
         if not progressive:
             return 0
         if already_final:
             return previous.switch_step
-        nearest = E * round((total - round(total * PROGRESSIVE_FINAL_SHARE)) / E)
-        last_boundary = (-(-total // E) - 1) * E  # at least the last (possibly cut) epoch at the final crop
-        return max(earliest_switch, min(nearest, last_boundary))
+        return max(done_steps, total - round(total * PROGRESSIVE_FINAL_SHARE))
 
     def seconds(total: int) -> float:
         s = switch(total)
         at_start = max(0, min(total, s) - done_steps) if s else 0
         at_final = total - done_steps - at_start
-        validations = -(-total // E) - done_steps // E
         return (at_start * step_seconds.get(start_crop, 0.0) + at_final * step_seconds[final_crop]
-                + validations * epoch_end_seconds)
+                + previous.epoch_ends_after(done_steps, total, s) * epoch_end_seconds)
 
     total = _largest_fitting(done_steps, remaining, seconds, min(step_seconds.values()))
     warmup = previous.warmup_steps
@@ -199,8 +205,9 @@ class BudgetClock:
     def lr_factor(self, step: int) -> float:
         return self.plan.lr_factor(step)
 
-    def crop_of_epoch(self, epoch: int) -> int:
-        return self.final_crop if self.plan.final_crop_from(epoch) or not self.start_crop else self.start_crop
+    def crop(self) -> int:
+        """The crop side the next step trains at."""
+        return self.final_crop if self.plan.at_final_crop(self.step) or not self.start_crop else self.start_crop
 
     def finished(self) -> bool:
         return self.step >= self.plan.total_steps
@@ -213,7 +220,8 @@ class BudgetClock:
         return _now() - self._started
 
     def step_done(self, crop: int) -> bool:
-        """Record one optimizer step at ``crop``; re-plan when due. False once the plan's last step is done."""
+        """Record one optimizer step at ``crop``; re-plan when due. False where the epoch under way is cut: the
+        plan's last step is done, or the next step trains at another crop."""
         now = _now()
         if not self._first_step:
             self._speeds.setdefault(crop, deque(maxlen=SPEED_WINDOW_STEPS)).append(now - self._last)
@@ -227,7 +235,7 @@ class BudgetClock:
             self._replan("measured" if not self.plans else f"measured at {crop} px", always=not self.plans)
         elif measured_here >= MEASURE_STEPS - 1 and self.step % REPLAN_EVERY_STEPS == 0:
             self._replan("speed check")
-        return not self.finished()
+        return not self.finished() and self.crop() == crop
 
     def epoch_started(self) -> None:
         """The next step's time starts here (an epoch's end, validation and checkpoint, is not a step)."""

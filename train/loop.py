@@ -151,11 +151,9 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
                             step=resumed["extra"]["budget"]["step"] if resumed else 0,
                             state=resumed["extra"]["budget"] if resumed else None)
         scheduler = scheduled(optimizer, lambda step: clock.lr_factor(step))
-        crop_of_epoch = clock.crop_of_epoch
     else:
         crop_sizes = epoch_crop_sizes(config.epochs, spec.crop, config.progressive_from)
         scheduler = warmup_cosine(optimizer, config.epochs * steps_per_epoch, warmup_steps=steps_per_epoch)
-        crop_of_epoch = crop_sizes.__getitem__
     ema = WeightEMA(model, config.ema) if config.ema else None
     amp_dtype = AUTOCAST_DTYPES[precision]
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -180,7 +178,7 @@ def train_model(config: TrainConfig, on_epoch_end: Optional[Callable[[int, dict]
     epoch = start_epoch
     while (epoch < config.epochs) if clock is None else not clock.finished():
         t0 = time.perf_counter()
-        epoch_spec = _with_crop(spec, crop_of_epoch(epoch))
+        epoch_spec = _with_crop(spec, crop_sizes[epoch] if clock is None else clock.crop())
         loader = _epoch_loader(train_images(epoch, epoch_spec), config, epoch, workers, ddp, device)
         if clock is not None:
             clock.epoch_started()
@@ -470,7 +468,7 @@ def _train_epoch(net, loader, criterion, optimizer, scheduler, scaler, amp_dtype
         if clock is not None:
             plan = clock.plan
             going_on = clock.step_done(crop)
-            if clock.plan is not plan and going_on:  # (a plan that ends here has no step left to set an LR for)
+            if clock.plan is not plan and not clock.finished():  # (a plan that ends here has no step left to set)
                 recompute_lr(scheduler)
             if not going_on:
                 break
