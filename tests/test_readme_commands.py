@@ -34,6 +34,9 @@ TINY_FLAGS = {
     "train": ["--epochs", "1", "--workers", "0", "--image-size", "64", "--width-mult", "0.125", "--batch-size", "16"],
     # `bench --batch 64` runs 640 crops per timed call through every row (emulated bf16 included): minutes.
     "bench": ["--seconds", "0.1", "--warmup", "1", "--eval-images", "8", "--batch", "2"],
+    # bench --scenario: LoadGen's runs take bench's own options only (the closed loop's --warmup, --eval-images
+    # are refused with it); one thread, short runs.
+    "bench --scenario": ["--seconds", "0.2", "--batch", "2", "--threads", "1"],
     # MultiStream's 662 queries and Server's search take minutes with ten crops: tests/test_bench_mlperf.py runs them.
     "mlperf": ["--crops", "1", "--scenario", "offline", "--scenario", "singlestream", "--seconds", "0.2",
                "--images", "16", "--threads", "1"],
@@ -106,7 +109,8 @@ def tiny(words: list[str], paths: dict) -> list[str]:
         if "--data" not in cli_args:
             extra = extra + ["--quick-data"]
         return words + extra
-    extra = TINY_FLAGS.get(cli_args[0] if cli_args else "", [])
+    kind = cli_args[0] if cli_args else ""
+    extra = TINY_FLAGS.get(f"{kind} --scenario" if "--scenario" in cli_args else kind, [])
     if cli_args and cli_args[0] == "bench" and "--compile" in cli_args:
         extra = extra + ["--backend", "onnxruntime"]
     return words + extra
