@@ -34,3 +34,13 @@ def quick_demo(tmp_path_factory):
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return workdir, json.loads(done.stdout)
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads waiting on a descheduled peer turn a
+    millisecond forward into a hundred or more, which no latency bound or timing survives."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -31,14 +31,8 @@ CROP = 32
 SHORT = dict(seconds=0.3, latency_ms=200.0, server_trials=3, threads=1, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, threads waiting on a descheduled peer turn a
-    millisecond forward into a hundred, which no latency bound survives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Latency bounds need steady milliseconds (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module")

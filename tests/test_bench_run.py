@@ -50,16 +50,11 @@ def _checkpoint(path, split_path, classes, seed, record_split=True):
 
 
 @pytest.fixture(autouse=True)
-def quick_and_steady(monkeypatch):
+def quick_and_steady(monkeypatch, one_intra_op_thread):
     """Small matmuls for the peak (these tests check the bookkeeping; test_bench_harness the peak itself),
-    and one intra-op thread: on a shared 2-core machine, OpenMP threads waiting on a descheduled peer
-    turn a millisecond forward into seconds."""
+    and one intra-op thread (tests/conftest.py)."""
     monkeypatch.setattr("cnnbench.bench.peak._SIDES", {"cpu": (256,), "cuda": (1024,)})
     monkeypatch.setattr("cnnbench.bench.peak._SECONDS_PER_KERNEL", {"cpu": 0.02, "cuda": 0.02})
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,16 @@ from PIL import Image
 from cnnbench.data.folder import scan_folder
 from cnnbench.data.images import load_rgb
 from cnnbench.data.spec import spec_for_crop
-from cnnbench.data.split import make_split, save_split
-from cnnbench.data.synth import mask_path, synthesize
+from cnnbench.data.synth import mask_path
 from cnnbench.data.transforms import resize_uint8
 from cnnbench.gradcam import errors_gallery, gradcam_images
 from cnnbench.gradcam.core import DEFAULT_METHOD
 from cnnbench.gradcam.panels import MapView, save_panel
 from cnnbench.gradcam.pointing import load_mask, peak_in_mask, peak_location, pointing_summary, to_original
 from cnnbench.gradcam.tencrop import image_cam, peak
-from cnnbench.models.checkpoint import load_checkpoint, save_checkpoint
-from cnnbench.models.registry import create_model
+from cnnbench.models.checkpoint import load_checkpoint
 from cnnbench.runtime import evaluate
+from gradcam_testlib import tiny_cam_run
 
 SPEC = spec_for_crop(64)
 
@@ -29,14 +28,8 @@ SPEC = spec_for_crop(64)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gradcam-api")
-    root = synthesize(tmp / "data", classes=3, per_class=10, size=80, progress=False)
-    split = make_split(scan_folder(root))
-    save_split(split, tmp / "split.json")
-    torch.manual_seed(0)
-    model = create_model("resnet18", 3, width_mult=0.0625)
-    checkpoint = tmp / "runs" / "train" / "tiny" / "best.pt"
-    save_checkpoint(checkpoint, model, arch="resnet18", classes=split.classes, spec=SPEC,
-                    record={"split": str(tmp / "split.json"), "data": root})
+    made = tiny_cam_run(tmp, per_class=10, spec=SPEC)
+    root, split, checkpoint = made["root"], made["split"], made["checkpoint"]
     # A finished run (common.runs): the commands given no model pick runs whose train.json is written.
     (checkpoint.parent / "train.json").write_text(json.dumps({"arch": "resnet18", "data": str(root),
                                                               "classes": split.classes, "spec": SPEC.to_dict()}))

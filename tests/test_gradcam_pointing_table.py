@@ -8,18 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cnnbench.data.folder import scan_folder
 from cnnbench.data.spec import spec_for_crop
-from cnnbench.data.split import make_split, save_split
-from cnnbench.data.synth import synthesize
 from cnnbench.gradcam import errors_gallery
 from cnnbench.gradcam.core import DEFAULT_LAYER, DEFAULT_METHOD, METHODS, method_name
 from cnnbench.gradcam.pointing import peak_in_mask
 from cnnbench.gradcam.pointing_table import (PointingTally, pointing_table_block, render_pointing_table,
                                              save_pointing_plot)
 from cnnbench.gradcam.tencrop import peak
-from cnnbench.models.checkpoint import save_checkpoint
-from cnnbench.models.registry import create_model
+from gradcam_testlib import tiny_cam_run
 
 
 def _map_peaking_at(x: int, y: int, side: int = 8) -> torch.Tensor:
@@ -81,16 +77,8 @@ def test_table_numbers_from_hand_made_maps_and_masks(tmp_path):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("pointing-table")
-    root = synthesize(tmp / "data", classes=3, per_class=6, size=80, progress=False)
-    split = make_split(scan_folder(root))
-    save_split(split, tmp / "split.json")
-    torch.manual_seed(0)
-    model = create_model("resnet18", 3, width_mult=0.0625)
-    checkpoint = tmp / "runs" / "train" / "tiny" / "best.pt"
-    save_checkpoint(checkpoint, model, arch="resnet18", classes=split.classes, spec=spec_for_crop(64),
-                    record={"split": str(tmp / "split.json"), "data": root})
-    return {"checkpoint": str(checkpoint), "split": split}
+    made = tiny_cam_run(tmp_path_factory.mktemp("pointing-table"), per_class=6, spec=spec_for_crop(64))
+    return {"checkpoint": str(made["checkpoint"]), "split": made["split"]}
 
 
 def test_errors_gallery_tables_every_method_at_two_layers(run, tmp_path):
