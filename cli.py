@@ -31,7 +31,7 @@ from cnnbench.data.crops import CROP_MODES, TEN_CROP_PLACES  # noqa: E402 - load
 from cnnbench.data.heldout import DATA_HELP  # noqa: E402
 from cnnbench.gradcam.core import DEFAULT_LAYER as DEFAULT_CAM_LAYER  # noqa: E402
 from cnnbench.gradcam.core import DENSE_DEFAULT_LAYER as DENSE_CAM_LAYER  # noqa: E402
-from cnnbench.gradcam.core import DEFAULT_METHOD as DEFAULT_CAM_METHOD  # noqa: E402
+from cnnbench.gradcam.core import DEFAULT_METHODS as DEFAULT_CAM_METHODS  # noqa: E402
 from cnnbench.gradcam.core import METHODS as CAM_METHODS  # noqa: E402
 from cnnbench.models.dense import CENTRE_MODES, DEFAULT_CENTRE  # noqa: E402
 from cnnbench.runtime.backends import BACKEND_CHOICES, BACKENDS, FORMAT_BACKENDS  # noqa: E402
@@ -311,7 +311,9 @@ def predict(paths, model, backend, device, precision, crops, batch, topk, csv_pa
 @click.option("--method", type=click.Choice(list(CAM_METHODS)),
               help="CAM method of a checkpoint's maps: " + "; ".join(f"{name}: {cost}" for name, (_, cost)
                                                                       in CAM_METHODS.items())
-                   + f". Default: {DEFAULT_CAM_METHOD} (measured: points best, docs/GRADCAM.md). An export's CAM and "
+                   + ". Default, per architecture (measured: points best, docs/GRADCAM.md): "
+                   + ", ".join(f"{key} for {family.__name__}s" for family, key in DEFAULT_CAM_METHODS)
+                   + ". An export's CAM and "
                    "validate's CAM parity are always gradcam at last (the one map a graph gives without gradients).")
 @click.option("--layer",
               help="Layer whose map is weighed: last (the map entering global pooling: ResNet layer4, Xception's "

@@ -38,6 +38,7 @@ def _blocks(r: dict, out: Path) -> list[tuple]:
               "checks against the PyTorch fp32 model."),
         ("table", ["model", "params", "top-1 (1 crop)", "top-5 (1 crop)", "top-1 (10 crops)", "top-5 (10 crops)",
                    "mean per-class (10 crops)"], _accuracy_rows(r)),
+        ("p", _lessons_note(r["lessons"])),
         ("h2", "Training curves"),
     ]
     if r.get("training_budget"):
@@ -126,6 +127,18 @@ def _parts_note(parts: list[dict]) -> str:
         return ""
     return " in " + ", ".join(f"epochs {p['epochs'][0]}-{p['epochs'][1]} on {p['device']} in {p['precision']}"
                               for p in parts)
+
+
+def _lessons_note(lessons: dict) -> str:
+    """The seed report's two lessons, as this run shows them (pipeline.seed_lessons)."""
+    gains = ", ".join(f"{name} {gain:+.1f}" for name, gain in lessons["ten_crop_gain"].items())
+    note = f"Ten crops against one, top-1 points: {gains}."
+    if "ensemble_margin" in lessons:
+        verdict = "above both members" if lessons["ensemble_above_members"] else "not above both members"
+        note += (f" The logit-sum ensemble with ten crops is {verdict}: {lessons['ensemble_margin']:+.1f} points "
+                 f"against the better one ({lessons['best_member']}). Both lessons need models that have learned: "
+                 f"the training budget above decides how much they have.")
+    return note
 
 
 def _accuracy_rows(r: dict) -> list[list[str]]:

@@ -13,7 +13,7 @@ from cnnbench.common.errors import InputError
 from cnnbench.data.crops import crop_mode
 from cnnbench.data.spec import PreprocessSpec
 from cnnbench.export import load_manifest
-from cnnbench.gradcam.core import DEFAULT_METHOD, default_layer, method_key, method_name
+from cnnbench.gradcam.core import default_layer, default_method, method_key, method_name
 from cnnbench.gradcam.exported import (REFERENCE_LAYER, REFERENCE_METHOD, ExportedCam, cam_gate_report, compare_maps,
                                        load_reference)
 from cnnbench.gradcam.layers import resolve_layer
@@ -59,7 +59,6 @@ def gradcam_images(paths, model=None, class_name: str | None = None, crops: int 
             raise InputError(f"an export's CAM is the classifier-weight CAM of the map entering global pooling "
                              f"(= Grad-CAM at layer 'last', what validate's CAM parity checks); --method {method} "
                              f"--layer {layer} needs a checkpoint")
-        method = method_key(method or (REFERENCE_METHOD if exported_map else DEFAULT_METHOD))
         layer = layer or (REFERENCE_LAYER if exported_map else default_layer(crops))
         if exported_map:
             manifest = load_manifest(model_path)
@@ -72,6 +71,7 @@ def gradcam_images(paths, model=None, class_name: str | None = None, crops: int 
             exported = None
             reference, meta = load_checkpoint(model_path)
             spec, classes = PreprocessSpec.from_dict(meta["spec"]), list(meta["classes"])
+        method = method_key(method or (REFERENCE_METHOD if exported_map else default_method(reference)))
         explainer = (method, resolve_layer(reference, layer, probe=spec.crop))
         if not mode.cuts_crops and not explainer[1].is_last:
             raise InputError(f"dense maps exist at layer 'last' only, not {explainer[1].describe()}; "

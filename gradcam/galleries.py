@@ -14,7 +14,7 @@ from cnnbench.data.crops import DENSE, crop_mode
 from cnnbench.data.folder import Sample
 from cnnbench.data.spec import PreprocessSpec
 from cnnbench.data.synth import mask_path
-from cnnbench.gradcam.core import DEFAULT_METHOD, METHODS, default_layer, method_key, method_name
+from cnnbench.gradcam.core import METHODS, default_layer, default_method, method_key, method_name
 from cnnbench.gradcam.exported import REFERENCE_LAYER, REFERENCE_METHOD
 from cnnbench.gradcam.images import DEFAULT_OUT, INPUT_ERRORS, check_positive, held_out_samples, image_groups
 from cnnbench.gradcam.layers import Layer, map_sides, resolve_layer
@@ -52,7 +52,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
 
     Galleries show the ``limit`` most confident errors and ``limit`` correct images spread over the
     classes, explained with ``method`` at ``layer`` (gradcam.core.METHODS, gradcam.layers; None: the
-    defaults, gradcam.core.DEFAULT_METHOD / default_layer(crops)). The pointing
+    defaults, gradcam.core.default_method(model) / default_layer(crops)). The pointing
     game explains the TRUE class (it scores localisation, not classification): a hit when the map's
     peak on the resized image falls inside the object mask. ``methods`` / ``layers`` (lists, comma-separated
     names, or "all" for every method): also the pointing table over them (gradcam.pointing_table), with a
@@ -62,11 +62,12 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     try:
         chosen = crop_mode(crops).name
         check_positive("limit", limit)
-        method, layer = method_key(method or DEFAULT_METHOD), layer or default_layer(crops)
-        table_methods = _names(methods, list(METHODS), method_key, method)
-        table_layers = _names(layers, None, str, layer)
+        layer = layer or default_layer(crops)
         path = newest_checkpoint() if checkpoint is None else os.fspath(checkpoint)
         model, meta = load_checkpoint(path)
+        method = method_key(method or default_method(model))
+        table_methods = _names(methods, list(METHODS), method_key, method)
+        table_layers = _names(layers, None, str, layer)
         spec, classes = PreprocessSpec.from_dict(meta["spec"]), list(meta["classes"])
         resolved = {name: resolve_layer(model, name, probe=spec.crop) for name in table_layers}
         if chosen == DENSE.name and not resolved[layer].is_last:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from cnnbench.data.crops import crop_mode
 from cnnbench.data.geometry import CropBox
 from cnnbench.data.spec import PreprocessSpec
-from cnnbench.gradcam.core import DEFAULT_METHOD, BaseCAM, CamResult, default_layer, method_class, tap_layers
+from cnnbench.gradcam.core import BaseCAM, CamResult, default_layer, default_method, method_class, tap_layers
 from cnnbench.gradcam.layers import Layer, resolve_layer
 
 
@@ -97,14 +97,14 @@ def image_cam(
     spec: PreprocessSpec,
     crops: int = 10,
     targets: Tensor | None = None,
-    method: str | type[BaseCAM] = DEFAULT_METHOD,
+    method: str | type[BaseCAM] | None = None,
     layer: str | Layer | None = None,
 ) -> ImageCam:
     """CAM of resized uint8 images [B, 3, R, R] through ``crops`` crops, pasted back to [B, R, R].
 
     targets: [B] classes to explain (default: each image's prediction from the mean crop logits).
-    method: a gradcam.core.METHODS name or class; layer: a gradcam.layers name (None: the default for the
-    crop mode, gradcam.core.default_layer).
+    method: a gradcam.core.METHODS name or class (None: the model's, gradcam.core.default_method); layer: a
+    gradcam.layers name (None: the default for the crop mode, gradcam.core.default_layer).
     """
     return image_cams(model, images, spec, crops, [targets], method, layer)[0]
 
@@ -115,7 +115,7 @@ def image_cams(
     spec: PreprocessSpec,
     crops: int = 10,
     target_sets: list[Tensor | None] = (None,),
-    method: str | type[BaseCAM] = DEFAULT_METHOD,
+    method: str | type[BaseCAM] | None = None,
     layer: str | Layer | None = None,
 ) -> list[ImageCam]:
     """``image_cam`` for several target sets (e.g. predicted and true class) from one backbone pass.
@@ -150,9 +150,11 @@ def layer_method_cams(
 ) -> list[list[list[ImageCam]]]:
     """Per layer, ``method_cams``, all from ONE forward pass of the crops (gradcam.core.tap_layers); each
     layer's backward runs from the logits to that layer only. None in ``layers``: the crop mode's default.
-    display False: no seamless display paste (``ImageCam.display`` is ``maps``), for callers that only score."""
+    display False: no seamless display paste (``ImageCam.display`` is ``maps``), for callers that only score.
+    None in ``methods``: the model's default (gradcam.core.default_method)."""
     layers = [default_layer(crops) if layer is None else layer for layer in layers]
     layers = [layer if isinstance(layer, Layer) else resolve_layer(model, layer) for layer in layers]
+    methods = [default_method(model) if method is None else method for method in methods]
     cams = [[method_class(m)(model, layer) for m in methods] for layer in layers]
     with_graph = any(cam.needs_gradients for per_layer in cams for cam in per_layer)
     if not crop_mode(crops).cuts_crops:

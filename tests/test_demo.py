@@ -44,6 +44,29 @@ def test_demo_runs_every_stage_and_fills_the_report(demo_run):
     for arch in ("resnet26", "xception_medium", "ensemble"):
         assert re.search(rf"^\| {arch} \| [\d.]+M \| [\d.]+% ", markdown, re.M), arch
     assert (out / "demo.json").exists()
+    assert set(result["lessons"]["ten_crop_gain"]) == {"resnet26", "xception_medium"}
+    assert "Ten crops against one, top-1 points: resnet26 " in markdown and " the better one (" in markdown
+
+
+def _accuracy(**top1):
+    return {name: {"1_crop": {"top1": one}, "10_crops": {"top1": ten}} for name, (one, ten) in top1.items()}
+
+
+def test_seed_lessons_compare_ten_crops_with_one_and_the_ensemble_with_its_best_member():
+    from cnnbench.demo.pipeline import seed_lessons
+
+    # the 15-minute demo of docs/RECIPES.md row 29: the ensemble under ResNet26
+    assert seed_lessons(_accuracy(resnet26=(20.625, 24.375), xception_medium=(13.75, 15.625),
+                                  ensemble=(20.625, 23.4375))) == {
+        "ten_crop_gain": {"resnet26": 3.75, "xception_medium": 1.88}, "best_member": "resnet26",
+        "ensemble_margin": -0.94, "ensemble_above_members": False}
+    # above both, the better member being the Xception at ten crops (made-up figures)
+    lessons = seed_lessons(_accuracy(resnet26=(14.375, 16.25), xception_medium=(15.3125, 16.5625),
+                                     ensemble=(13.4375, 18.4375)))
+    assert (lessons["best_member"], lessons["ensemble_margin"], lessons["ensemble_above_members"]) == (
+        "xception_medium", 1.88, True)
+    tied = seed_lessons(_accuracy(resnet26=(10.0, 20.0), ensemble=(10.0, 20.0)))
+    assert tied["ensemble_margin"] == 0 and not tied["ensemble_above_members"]
 
 
 def test_report_html_is_self_contained(demo_run):

@@ -14,7 +14,6 @@ from cnnbench.data.spec import spec_for_crop
 from cnnbench.data.synth import mask_path
 from cnnbench.data.transforms import resize_uint8
 from cnnbench.gradcam import errors_gallery, gradcam_images
-from cnnbench.gradcam.core import DEFAULT_METHOD
 from cnnbench.gradcam.panels import MapView, save_panel
 from cnnbench.gradcam.pointing import load_mask, peak_in_mask, peak_location, pointing_summary, to_original
 from cnnbench.gradcam.tencrop import image_cam, peak
@@ -157,7 +156,7 @@ def test_errors_gallery_with_pointing_game(run, tmp_path):
     assert right["hits"] + wrong["hits"] == game["10_crops"]["hits"]
     assert game["ideal_map"]["cells"] >= 1 and game["ideal_map"]["10_crops"]["images"] == n  # the ceiling
     # The default method and layer, and its panels beside Grad-CAM at last's.
-    assert (result["method"], result["layer"]) == (DEFAULT_METHOD, "last-1 (layer3)")
+    assert (result["method"], result["layer"]) == ("hirescam", "last-1 (layer3)")  # a ResNet's default
     with Image.open(result["galleries"]["side_by_side"]) as png:
         assert png.format == "PNG"
 

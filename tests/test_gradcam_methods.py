@@ -14,8 +14,8 @@ from torch import nn
 from cnnbench.common.errors import InputError
 from cnnbench.data.crops import TEN
 from cnnbench.data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from cnnbench.gradcam.core import (DEFAULT_LAYER, METHODS, ClassifierCAM, EigenCAM, GradCAM, HiResCAM, LayerCAM,
-                                   default_layer, method_class, upsample)
+from cnnbench.gradcam.core import (DEFAULT_LAYER, FALLBACK_METHOD, METHODS, ClassifierCAM, EigenCAM, GradCAM, HiResCAM,
+                                   LayerCAM, default_layer, default_method, method_class, upsample)
 from cnnbench.gradcam.exported import pearson
 from cnnbench.gradcam.tencrop import image_cam, image_cams, layer_method_cams, method_cams, paste_back
 from cnnbench.models.ensemble import Ensemble
@@ -178,6 +178,22 @@ def test_dense_maps_refuse_earlier_layers():
                                image_cam(model, images, spec, crops="dense", layer="last").maps)
     with pytest.raises(InputError, match="dense maps exist at layer 'last' only"):
         image_cam(model, images, spec, crops="dense", layer="last-1")
+
+
+def test_the_default_method_follows_the_architecture_and_an_image_cam_without_one_uses_it():
+    resnet, xception = tiny("resnet18"), tiny("xception_small", seed=1)
+    # docs/GRADCAM.md's tables: HiResCAM points best on the ResNets, Grad-CAM on the Xceptions (at last-1)
+    assert (default_method(resnet), default_method(xception)) == ("hirescam", "gradcam")
+    assert default_method(Ensemble([resnet, tiny("resnet18", seed=2)])) == "hirescam"
+    assert default_method(Ensemble([resnet, xception])) == FALLBACK_METHOD  # one method for the summed map
+    assert default_method(nn.Sequential()) == FALLBACK_METHOD  # an architecture with no measured default
+    spec = PreprocessSpec(resize=SIZE + 8, crop=SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    images = torch.randint(0, 256, (2, 3, SIZE + 8, SIZE + 8), dtype=torch.uint8)
+    for model in (resnet, xception):
+        torch.testing.assert_close(image_cam(model, images, spec, crops=1).maps,
+                                   image_cam(model, images, spec, crops=1, method=default_method(model)).maps)
+    assert not torch.equal(image_cam(xception, images, spec, crops=1).maps,
+                           image_cam(xception, images, spec, crops=1, method="hirescam").maps)
 
 
 def test_unknown_method_names_the_choices():
