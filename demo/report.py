@@ -137,7 +137,7 @@ def _lessons_note(lessons: dict) -> str:
         verdict = "above both members" if lessons["ensemble_above_members"] else "not above both members"
         note += (f" The logit-sum ensemble with ten crops is {verdict}: {lessons['ensemble_margin']:+.1f} points "
                  f"against the better one ({lessons['best_member']}). Both lessons need models that have learned: "
-                 f"the training budget above decides how much they have.")
+                 f"the training budget (below) decides how much they have.")
     return note
 
 
