@@ -29,9 +29,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from cnnbench.data.crops import CROP_MODES, TEN_CROP_PLACES  # noqa: E402 - loads torch, so only after the OpenMP setting
 from cnnbench.data.heldout import DATA_HELP  # noqa: E402
-from cnnbench.gradcam.core import DEFAULT_LAYER as DEFAULT_CAM_LAYER  # noqa: E402
 from cnnbench.gradcam.core import DENSE_DEFAULT_LAYER as DENSE_CAM_LAYER  # noqa: E402
-from cnnbench.gradcam.core import DEFAULT_METHODS as DEFAULT_CAM_METHODS  # noqa: E402
+from cnnbench.gradcam.core import DEFAULT_CAMS  # noqa: E402
 from cnnbench.gradcam.core import METHODS as CAM_METHODS  # noqa: E402
 from cnnbench.models.dense import CENTRE_MODES, DEFAULT_CENTRE  # noqa: E402
 from cnnbench.runtime.backends import BACKEND_CHOICES, BACKENDS, FORMAT_BACKENDS  # noqa: E402
@@ -312,7 +311,7 @@ def predict(paths, model, backend, device, precision, crops, batch, topk, csv_pa
               help="CAM method of a checkpoint's maps: " + "; ".join(f"{name}: {cost}" for name, (_, cost)
                                                                       in CAM_METHODS.items())
                    + ". Default, per architecture (measured: points best, docs/GRADCAM.md): "
-                   + ", ".join(f"{key} for {family.__name__}s" for family, key in DEFAULT_CAM_METHODS)
+                   + ", ".join(f"{method} for {family.__name__}s" for family, (method, _) in DEFAULT_CAMS)
                    + ". An export's CAM and "
                    "validate's CAM parity are always gradcam at last (the one map a graph gives without gradients).")
 @click.option("--layer",
@@ -320,7 +319,9 @@ def predict(paths, model, backend, device, precision, crops, batch, topk, csv_pa
                    "exit; the only one an export's CAM and validate's CAM parity cover, with gradcam), last-1 (the "
                    "stage before: twice the side, ResNet layer3, Xception block8; costs a backward through the "
                    "last stage), last-2, ..., or a module path (layer3, layer3.1, block8). Dense crops: last only. "
-                   f"Default: {DEFAULT_CAM_LAYER} ({DENSE_CAM_LAYER} with --crops dense).")
+                   "Default, per architecture: "
+                   + ", ".join(f"{layer} for {family.__name__}s" for family, (_, layer) in DEFAULT_CAMS)
+                   + f" ({DENSE_CAM_LAYER} with --crops dense).")
 @click.option("--methods", "table_methods", help="--errors: also a pointing-game table over these methods "
               "(comma-separated, or 'all'), with a bar chart; the gradient methods share one backward per layer.")
 @click.option("--layers", "table_layers", help="--errors: ... and these layers (comma-separated, e.g. last,last-1); "

@@ -368,7 +368,8 @@ def _bench_precisions() -> list[str]:
 
 
 # The report's pointing table: the gradient methods (they share one backward per layer, and the layers
-# share one forward pass of one and ten crops per scanned image) at the last stage and the one before.
+# share one forward pass of one and ten crops per scanned image) at the last stage and the one before,
+# and at the model's default layer where that is another (a ResNet's last-2: gradcam.core.DEFAULT_CAMS).
 # Not EigenCAM: its host SVD per crop map took 48 of 76 s of the step on ResNet26 (16 images, measured).
 GALLERY_METHODS, GALLERY_LAYERS = "gradcam,hirescam,gradcam++,xgradcam,layercam", "last,last-1"
 

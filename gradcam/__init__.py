@@ -13,7 +13,8 @@ import importlib
 _HOMES = {
     "gradcam_images": "explain", "validate_export": "validate", "errors_gallery": "galleries",
     "BaseCAM": "core", "CamResult": "core", "GradCAM": "core", "ClassifierCAM": "core", "METHODS": "core",
-    "DEFAULT_METHODS": "core", "default_method": "core", "DEFAULT_LAYER": "core", "ExportedCam": "exported", "cam_parity": "exported",
+    "DEFAULT_CAMS": "core", "default_cam": "core", "default_method": "core", "default_layer": "core",
+    "ExportedCam": "exported", "cam_parity": "exported",
     "ImageCam": "tencrop", "image_cam": "tencrop", "image_cams": "tencrop", "method_cams": "tencrop",
     "paste_back": "tencrop", "pointing_table_block": "pointing_table",
 }

@@ -59,7 +59,6 @@ def gradcam_images(paths, model=None, class_name: str | None = None, crops: int 
             raise InputError(f"an export's CAM is the classifier-weight CAM of the map entering global pooling "
                              f"(= Grad-CAM at layer 'last', what validate's CAM parity checks); --method {method} "
                              f"--layer {layer} needs a checkpoint")
-        layer = layer or (REFERENCE_LAYER if exported_map else default_layer(crops))
         if exported_map:
             manifest = load_manifest(model_path)
             exported = ExportedCam(manifest, precision)
@@ -72,6 +71,7 @@ def gradcam_images(paths, model=None, class_name: str | None = None, crops: int 
             reference, meta = load_checkpoint(model_path)
             spec, classes = PreprocessSpec.from_dict(meta["spec"]), list(meta["classes"])
         method = method_key(method or (REFERENCE_METHOD if exported_map else default_method(reference)))
+        layer = layer or (REFERENCE_LAYER if exported_map else default_layer(reference, crops))
         explainer = (method, resolve_layer(reference, layer, probe=spec.crop))
         if not mode.cuts_crops and not explainer[1].is_last:
             raise InputError(f"dense maps exist at layer 'last' only, not {explainer[1].describe()}; "

@@ -34,7 +34,7 @@ from cnnbench.runtime.predictor import crop_mode_mismatch
 
 
 # The reference map an exported CAM equals (in logit units): Grad-CAM at the map entering global
-# pooling. Fixed whatever gradcam.core.default_method / DEFAULT_LAYER say: an exported graph has
+# pooling. Fixed whatever gradcam.core.DEFAULT_CAMS says: an exported graph has
 # no gradients and no other layer, so CAM parity covers this method at this layer only.
 REFERENCE_METHOD, REFERENCE_LAYER = "gradcam", LAST
 

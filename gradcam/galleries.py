@@ -52,7 +52,7 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
 
     Galleries show the ``limit`` most confident errors and ``limit`` correct images spread over the
     classes, explained with ``method`` at ``layer`` (gradcam.core.METHODS, gradcam.layers; None: the
-    defaults, gradcam.core.default_method(model) / default_layer(crops)). The pointing
+    defaults, gradcam.core.default_method(model) / default_layer(model, crops)). The pointing
     game explains the TRUE class (it scores localisation, not classification): a hit when the map's
     peak on the resized image falls inside the object mask. ``methods`` / ``layers`` (lists, comma-separated
     names, or "all" for every method): also the pointing table over them (gradcam.pointing_table), with a
@@ -62,10 +62,10 @@ def errors_gallery(checkpoint=None, data=None, limit: int = 16, crops: int = 10,
     try:
         chosen = crop_mode(crops).name
         check_positive("limit", limit)
-        layer = layer or default_layer(crops)
         path = newest_checkpoint() if checkpoint is None else os.fspath(checkpoint)
         model, meta = load_checkpoint(path)
         method = method_key(method or default_method(model))
+        layer = layer or default_layer(model, crops)
         table_methods = _names(methods, list(METHODS), method_key, method)
         table_layers = _names(layers, None, str, layer)
         spec, classes = PreprocessSpec.from_dict(meta["spec"]), list(meta["classes"])

@@ -5,7 +5,7 @@ Every row explains the TRUE class of the same test images (localisation, not cla
 one crop and with ten crops (paste-back), split by whether the ``crops``-crop model classified the
 image correctly; every layer has its ceiling, the ideal map at that layer's resolution
 (gradcam.pointing.ideal_map_hit). ``best`` is the row that points best with ten crops: the measured
-candidate for gradcam.core.DEFAULT_METHODS / DEFAULT_LAYER (the measurement is only meaningful on a
+candidate for gradcam.core.DEFAULT_CAMS (the measurement is only meaningful on a
 model that has learned).
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def render_pointing_table(table: dict) -> list[str]:
     best = table["best"]
     if best:
         out.append(f"  points best with 10 crops: {best['label']} at {best['layer']} ({format_share(best['10_crops'])}); "
-                   "the default is gradcam.core.DEFAULT_METHODS / DEFAULT_LAYER")
+                   "the default is gradcam.core.DEFAULT_CAMS")
     return out
 
 

@@ -104,7 +104,7 @@ def image_cam(
 
     targets: [B] classes to explain (default: each image's prediction from the mean crop logits).
     method: a gradcam.core.METHODS name or class (None: the model's, gradcam.core.default_method); layer: a
-    gradcam.layers name (None: the default for the crop mode, gradcam.core.default_layer).
+    gradcam.layers name (None: the model's for the crop mode, gradcam.core.default_layer).
     """
     return image_cams(model, images, spec, crops, [targets], method, layer)[0]
 
@@ -149,10 +149,10 @@ def layer_method_cams(
     display: bool = True,
 ) -> list[list[list[ImageCam]]]:
     """Per layer, ``method_cams``, all from ONE forward pass of the crops (gradcam.core.tap_layers); each
-    layer's backward runs from the logits to that layer only. None in ``layers``: the crop mode's default.
+    layer's backward runs from the logits to that layer only. None in ``layers``: the model's default for the crop mode.
     display False: no seamless display paste (``ImageCam.display`` is ``maps``), for callers that only score.
     None in ``methods``: the model's default (gradcam.core.default_method)."""
-    layers = [default_layer(crops) if layer is None else layer for layer in layers]
+    layers = [default_layer(model, crops) if layer is None else layer for layer in layers]
     layers = [layer if isinstance(layer, Layer) else resolve_layer(model, layer) for layer in layers]
     methods = [default_method(model) if method is None else method for method in methods]
     cams = [[method_class(m)(model, layer) for m in methods] for layer in layers]

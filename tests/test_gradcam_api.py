@@ -156,7 +156,7 @@ def test_errors_gallery_with_pointing_game(run, tmp_path):
     assert right["hits"] + wrong["hits"] == game["10_crops"]["hits"]
     assert game["ideal_map"]["cells"] >= 1 and game["ideal_map"]["10_crops"]["images"] == n  # the ceiling
     # The default method and layer, and its panels beside Grad-CAM at last's.
-    assert (result["method"], result["layer"]) == ("hirescam", "last-1 (layer3)")  # a ResNet's default
+    assert (result["method"], result["layer"]) == ("xgradcam", "last-2 (layer2)")  # a ResNet's default
     with Image.open(result["galleries"]["side_by_side"]) as png:
         assert png.format == "PNG"
 

@@ -14,8 +14,8 @@ from torch import nn
 from cnnbench.common.errors import InputError
 from cnnbench.data.crops import TEN
 from cnnbench.data.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
-from cnnbench.gradcam.core import (DEFAULT_LAYER, FALLBACK_METHOD, METHODS, ClassifierCAM, EigenCAM, GradCAM, HiResCAM,
-                                   LayerCAM, default_layer, default_method, method_class, upsample)
+from cnnbench.gradcam.core import (FALLBACK_CAM, METHODS, ClassifierCAM, EigenCAM, GradCAM, HiResCAM,
+                                   LayerCAM, default_cam, default_layer, default_method, method_class, upsample)
 from cnnbench.gradcam.exported import pearson
 from cnnbench.gradcam.tencrop import image_cam, image_cams, layer_method_cams, method_cams, paste_back
 from cnnbench.models.ensemble import Ensemble
@@ -172,26 +172,30 @@ def test_dense_maps_refuse_earlier_layers():
     spec = PreprocessSpec(resize=96, crop=SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD)  # a whole stride (32) apart
     images = torch.randint(0, 256, (1, 3, 96, 96), dtype=torch.uint8)
     assert image_cam(model, images, spec, crops="dense", method="layercam").maps.shape == (1, 96, 96)
-    # No layer named: dense mode falls back to 'last', every other mode takes DEFAULT_LAYER.
-    assert (default_layer("dense"), default_layer(10), default_layer(1)) == ("last", DEFAULT_LAYER, DEFAULT_LAYER)
+    # No layer named: dense mode falls back to 'last', every other mode takes the architecture's layer.
+    assert [default_layer(model, crops) for crops in ("dense", 10, 1)] == ["last", "last-2", "last-2"]
     torch.testing.assert_close(image_cam(model, images, spec, crops="dense").maps,
                                image_cam(model, images, spec, crops="dense", layer="last").maps)
     with pytest.raises(InputError, match="dense maps exist at layer 'last' only"):
         image_cam(model, images, spec, crops="dense", layer="last-1")
 
 
-def test_the_default_method_follows_the_architecture_and_an_image_cam_without_one_uses_it():
+def test_the_default_cam_follows_the_architecture_and_an_image_cam_without_one_uses_it():
     resnet, xception = tiny("resnet18"), tiny("xception_small", seed=1)
-    # docs/GRADCAM.md's tables: HiResCAM points best on the ResNets, Grad-CAM on the Xceptions (at last-1)
-    assert (default_method(resnet), default_method(xception)) == ("hirescam", "gradcam")
-    assert default_method(Ensemble([resnet, tiny("resnet18", seed=2)])) == "hirescam"
-    assert default_method(Ensemble([resnet, xception])) == FALLBACK_METHOD  # one method for the summed map
-    assert default_method(nn.Sequential()) == FALLBACK_METHOD  # an architecture with no measured default
+    # docs/GRADCAM.md's tables: XGrad-CAM at last-2 points best on the ResNets, Grad-CAM at last-1 on the Xceptions
+    assert (default_cam(resnet), default_cam(xception)) == (("xgradcam", "last-2"), ("gradcam", "last-1"))
+    assert (default_method(resnet), default_layer(xception, 10)) == ("xgradcam", "last-1")
+    assert default_cam(Ensemble([resnet, tiny("resnet18", seed=2)])) == ("xgradcam", "last-2")
+    assert default_cam(Ensemble([resnet, xception])) == FALLBACK_CAM  # one method at one name for the summed map
+    assert default_cam(nn.Sequential()) == FALLBACK_CAM == ("gradcam", "last-1")  # no measured default
     spec = PreprocessSpec(resize=SIZE + 8, crop=SIZE, mean=IMAGENET_MEAN, std=IMAGENET_STD)
     images = torch.randint(0, 256, (2, 3, SIZE + 8, SIZE + 8), dtype=torch.uint8)
     for model in (resnet, xception):
+        method, layer = default_cam(model)
         torch.testing.assert_close(image_cam(model, images, spec, crops=1).maps,
-                                   image_cam(model, images, spec, crops=1, method=default_method(model)).maps)
+                                   image_cam(model, images, spec, crops=1, method=method, layer=layer).maps)
+    assert not torch.equal(image_cam(resnet, images, spec, crops=1).maps,
+                           image_cam(resnet, images, spec, crops=1, method="xgradcam", layer="last-1").maps)
     assert not torch.equal(image_cam(xception, images, spec, crops=1).maps,
                            image_cam(xception, images, spec, crops=1, method="hirescam").maps)
 

@@ -10,7 +10,7 @@ from PIL import Image
 
 from cnnbench.data.spec import spec_for_crop
 from cnnbench.gradcam import errors_gallery
-from cnnbench.gradcam.core import DEFAULT_LAYER, METHODS, method_name
+from cnnbench.gradcam.core import METHODS, method_name
 from cnnbench.gradcam.pointing import peak_in_mask
 from cnnbench.gradcam.pointing_table import (PointingTally, pointing_table_block, render_pointing_table,
                                              save_pointing_plot)
@@ -128,8 +128,9 @@ def test_cli_prints_the_table_and_refuses_a_bad_layer(run, tmp_path):
     done = runner.invoke(cli, ["gradcam", "--errors", run["checkpoint"], "--limit", "1", "--crops", "1",
                                "--methods", "gradcam,layercam", "--layers", "last-1", "--out", str(tmp_path / "t")])
     assert done.exit_code == 0, done.output
-    assert f"maps: {method_name('hirescam')} at {DEFAULT_LAYER}" in done.output  # no --method/--layer: a ResNet's default
-    assert "last-1 (layer3) 4x4  LayerCAM" in done.output and "ideal map (ceiling)" in done.output
+    assert f"maps: {method_name('xgradcam')} at last-2 (layer2)" in done.output  # none named: a ResNet's default
+    assert "last-1 (layer3) 4x4  LayerCAM" in done.output and "last-2 (layer2) 8x8  XGrad-CAM" in done.output
+    assert "ideal map (ceiling)" in done.output
     assert "points best with 10 crops:" in done.output
     bad = runner.invoke(cli, ["gradcam", "--errors", run["checkpoint"], "--layer", "layer9", "--json",
                               "--out", str(tmp_path / "b")])
