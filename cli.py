@@ -318,7 +318,8 @@ def predict(paths, model, backend, device, precision, crops, batch, topk, csv_pa
               help="Layer whose map is weighed: last (the map entering global pooling: ResNet layer4, Xception's "
                    "exit; the only one an export's CAM and validate's CAM parity cover, with gradcam), last-1 (the "
                    "stage before: twice the side, ResNet layer3, Xception block8; costs a backward through the "
-                   "last stage), last-2, ..., or a module path (layer3, layer3.1, block8). Dense crops: last only. "
+                   "last stage), last-2 (ResNet layer2, Xception block2), ..., or a module path (layer3, layer3.1, "
+                   "block8). Dense crops: last only. "
                    "Default, per architecture: "
                    + ", ".join(f"{layer} for {family.__name__}s" for family, (_, layer) in DEFAULT_CAMS)
                    + f" ({DENSE_CAM_LAYER} with --crops dense).")

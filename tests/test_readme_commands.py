@@ -35,8 +35,9 @@ TINY_FLAGS = {
     # `bench --batch 64` runs 640 crops per timed call through every row (emulated bf16 included): minutes.
     "bench": ["--seconds", "0.1", "--warmup", "1", "--eval-images", "8", "--batch", "2"],
     # bench --scenario: LoadGen's runs take bench's own options only (the closed loop's --warmup, --eval-images
-    # are refused with it); one thread, short runs.
-    "bench --scenario": ["--seconds", "0.2", "--batch", "2", "--threads", "1"],
+    # are refused with it); one thread, short runs, fp32 only: on a CPU without bf16 units the emulated bf16
+    # row's Server search alone took 45 of the command's 77 s.
+    "bench --scenario": ["--seconds", "0.2", "--batch", "2", "--threads", "1", "--precision", "fp32"],
     # MultiStream's 662 queries and Server's search take minutes with ten crops: tests/test_bench_mlperf.py runs them.
     "mlperf": ["--crops", "1", "--scenario", "offline", "--scenario", "singlestream", "--seconds", "0.2",
                "--images", "16", "--threads", "1"],
