@@ -20,6 +20,7 @@ from cnnbench.models import Ensemble, create_model, list_models
 
 SPEC = spec_for_crop(32)
 DENSE_SPEC = PreprocessSpec(resize=96, crop=64, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+INT8_ACTIVATIONS = ("uint8", "int8-symmetric")  # ONNX Runtime's int8 graph, TensorRT's sibling
 
 
 def _tiny(name: str, seed: int = 0):
@@ -37,7 +38,7 @@ def _calibration(io: dict, spec: PreprocessSpec) -> torch.Tensor:
 
 
 def _graph_kinds(model, folder, stem: str, *, ten_crop: str, cam: bool,
-                 int8_kinds: tuple[str, ...] = ("uint8", "int8-symmetric")) -> dict:
+                 int8_kinds: tuple[str, ...] = INT8_ACTIVATIONS) -> dict:
     """{kind: path} of the fp32, fp16 and int8 graphs (ONNX Runtime's uint8 one, TensorRT's sibling)."""
     fp32 = folder / f"{stem}.onnx"
     spec = DENSE_SPEC if ten_crop == "dense" else SPEC
@@ -59,7 +60,7 @@ def graphs(tmp_path_factory) -> dict:
     for name in list_models():
         # The full-size pretrained Xception (timm's layout, no width knob) takes 20 s here; its ONNX Runtime
         # int8 graph has the same node types as the small Xceptions' (checked), so only TensorRT's int8 sibling is made.
-        int8_kinds = ("int8-symmetric",) if name == "xception_pretrained" else ("uint8", "int8-symmetric")
+        int8_kinds = ("int8-symmetric",) if name == "xception_pretrained" else INT8_ACTIVATIONS
         graphs[name] = _graph_kinds(_tiny(name), folder, name, ten_crop="host", cam=True, int8_kinds=int8_kinds)
     graphs["ten-crop in graph"] = _graph_kinds(_tiny("resnet18"), folder, "tencrop", ten_crop="graph", cam=False)
     for name in ("resnet18", "xception_small"):  # a padded stem, and Xception's valid-padding one
